@@ -1,0 +1,5 @@
+import sys
+
+from axlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""YAML -> validated ``Config``: parsing, command-line overrides, path resolution and error messages.
+
+Every problem of a file is collected and reported at once, each naming the file, the key and its line,
+so a user fixes a config in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from axlora.config.schema import Config, DatasetConfig
+from axlora.errors import ConfigError, UserError
+
+KeyPath = tuple[str | int, ...]
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, override, validate and resolve a config file; raise ``ConfigError`` listing every problem."""
+    path = Path(path)
+    text = _read_text(path)
+    data, lines = _parse_yaml(text, str(path))
+    override_values, override_problems = parse_overrides(overrides)
+    data.update(override_values)
+    for key in override_values:
+        lines[(key,)] = -1  # -1 marks "from the command line"
+    problems = override_problems + _unknown_key_problems(data, lines, str(path))
+    if problems:
+        raise ConfigError(str(path), problems)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(str(path), _describe_validation_errors(exc, lines, str(path))) from None
+    return resolve_paths(config, config_dir=path.resolve().parent)
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise UserError(f"{path}: config file not found.")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a YAML config file.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the config file ({exc}).") from None
+
+
+def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[KeyPath, int]]:
+    """Parse YAML and remember the line of every key, so errors can point at it."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "unknown line"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}: not valid YAML: {problem}"]) from None
+    if data is None:
+        raise ConfigError(source, ["the file is empty; expected a mapping of config keys."])
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["the top level must be a mapping of keys (key: value), not a list or a value."])
+    lines: dict[KeyPath, int] = {}
+    _collect_lines(node, (), lines)
+    return _drop_unset(data), lines
+
+
+def _collect_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, str(key_node.value))
+            lines[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*prefix, index)] = item.start_mark.line + 1
+            _collect_lines(item, (*prefix, index), lines)
+
+
+def _drop_unset(value: Any) -> Any:
+    """A key written with no value means "unset" (an Axolotl habit): drop it so its default applies."""
+    if isinstance(value, dict):
+        return {k: _drop_unset(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_unset(v) for v in value]
+    return value
+
+
+def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Turn ``["--lora_r", "4", "--bf16=false"]`` into ``{"lora_r": 4, "bf16": False}``.
+
+    Values are read as YAML scalars/lists (``[q_proj, v_proj]``), then type-checked with the file.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    items = list(overrides)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            problems.append(f"command line: expected --key value, got {item!r}.")
+            i += 1
+            continue
+        key, eq, raw = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                problems.append(f"command line: --{key} needs a value (--{key} VALUE).")
+                i += 1
+                continue
+            raw = items[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        try:
+            values[key] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            values[key] = raw
+    return _drop_unset(values), problems
+
+
+def _unknown_key_problems(data: dict[str, Any], lines: dict[KeyPath, int], source: str) -> list[str]:
+    problems = []
+    known = set(Config.model_fields)
+    for key in data:
+        if key not in known:
+            problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, known)}")
+    dataset_keys = set(DatasetConfig.model_fields)
+    for index, entry in enumerate(data.get("datasets") or []):
+        if isinstance(entry, dict):
+            for key in entry:
+                if key not in dataset_keys:
+                    where = _where(lines, ("datasets", index, key), source)
+                    problems.append(
+                        where + f"unknown key 'datasets[{index}].{key}'{did_you_mean(key, dataset_keys)}"
+                    )
+    return problems
+
+
+def did_you_mean(word: str, choices: set[str] | Sequence[str]) -> str:
+    """A " (did you mean 'x'?)" suffix for a misspelt name, or a hint to list the valid ones."""
+    match = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean '{match[0]}'?)"
+    return "; `axlora schema` lists every key."
+
+
+def _where(lines: dict[KeyPath, int], key: KeyPath, source: str) -> str:
+    line = lines.get(key)
+    while line is None and len(key) > 1:
+        key = key[:-1]
+        line = lines.get(key)
+    if line == -1:
+        return "command line: "
+    return f"{source}:{line}: " if line else f"{source}: "
+
+
+def _describe_validation_errors(exc: ValidationError, lines: dict[KeyPath, int], source: str) -> list[str]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(part for part in error["loc"] if not str(part).startswith(("function-", "union")))
+        loc = _strip_union_tags(loc)
+        if not loc:
+            # A cross-field rule of Config: each line of its message starts with the keys it names.
+            for line_text in str(error.get("ctx", {}).get("error", error["msg"])).splitlines():
+                key = line_text.split(":", 1)[0].split("/")[0].strip()
+                problems.append(_where(lines, (key,), source) + line_text)
+            continue
+        dotted = _dotted(loc)
+        if error["type"] == "missing":
+            problems.append(_where(lines, loc, source) + f"{dotted}: required key is missing.")
+            continue
+        got = error.get("input")
+        problems.append(_where(lines, loc, source) + f"{dotted}: {error['msg']} (got {got!r}).")
+    return _dedupe(problems)
+
+
+def _strip_union_tags(loc: KeyPath) -> KeyPath:
+    """Pydantic adds the member type (``bool``, ``literal['auto']``) to a union's error location."""
+    kept: list[str | int] = []
+    for part in loc:
+        if isinstance(part, str) and (part in {"bool", "int", "float", "str", "list[str]"} or "[" in part):
+            continue
+        kept.append(part)
+    return tuple(kept)
+
+
+def _dotted(loc: KeyPath) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _dedupe(problems: list[str]) -> list[str]:
+    """Union fields report once per member; keep the first message for each location."""
+    seen: set[str] = set()
+    kept = []
+    for problem in problems:
+        head = problem.split(": ", 2)[:2]
+        key = "|".join(head)
+        if key not in seen:
+            seen.add(key)
+            kept.append(problem)
+    return kept
+
+
+def resolve_paths(config: Config, config_dir: Path) -> Config:
+    """Make local paths absolute, so later stages and the saved config do not depend on the cwd.
+
+    Relative paths are read from the current directory (as in Axolotl); when nothing exists there but
+    the path exists next to the config file, that one is taken, so a config travels with its data.
+    """
+    updates: dict[str, Any] = {"output_dir": str(Path(config.output_dir).expanduser().resolve())}
+    for key in ("lora_model_dir", "dataset_prepared_path", "tokenizer_config", "base_model"):
+        value = getattr(config, key)
+        if value is not None:
+            updates[key] = _resolve_local(value, config_dir, must_be_local=key != "base_model"
+                                          and key != "tokenizer_config")
+    if config.resume_from_checkpoint not in (None, "auto"):
+        updates["resume_from_checkpoint"] = _resolve_local(config.resume_from_checkpoint, config_dir, True)
+    datasets = [
+        dataset.model_copy(update={"path": _resolve_local(dataset.path, config_dir, must_be_local=False)})
+        for dataset in config.datasets
+    ]
+    updates["datasets"] = datasets
+    return config.model_copy(update=updates)
+
+
+def _resolve_local(value: str, config_dir: Path, must_be_local: bool) -> str:
+    """Absolute path for a local path; Hub names and built-in names (``axlora:``) pass through."""
+    if ":" in value and not Path(value).exists():
+        return value
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    if candidate.exists():
+        return str(candidate.resolve())
+    beside_config = config_dir / candidate
+    if beside_config.exists():
+        return str(beside_config.resolve())
+    if must_be_local or value.startswith((".", "/", "~")):
+        return str(candidate.resolve())
+    return value  # a Hub id such as meta-llama/Llama-3.2-1B

@@ -1,0 +1,62 @@
+"""The plan ``axlora validate`` prints: what a train run would do, worked out without importing torch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from axlora.config.schema import Config, DatasetConfig
+from axlora.data.prepare import val_row_count
+from axlora.demo import is_builtin
+from axlora.errors import UserError
+from axlora.model.adapter import plan_adapter
+
+
+def count_local_rows(dataset: DatasetConfig) -> int | None:
+    """Rows in a local JSON/JSONL file (None for other sources: counted when the data is prepared)."""
+    path = Path(dataset.path)
+    if not path.is_file() or dataset.split != "train":
+        return None
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return sum(1 for line in handle if line.strip())
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: not valid JSON: {exc}") from None
+        return len(data) if isinstance(data, list) else None
+    return None
+
+
+def describe_plan(config: Config) -> str:
+    """A readable summary: model, adapter case, datasets, batch and steps."""
+    lines = [f"base_model: {config.base_model}" + (" (built-in demo model)" if is_builtin(config.base_model) else "")]
+    lines.append(plan_adapter(config).describe())
+    total_rows: int | None = 0
+    for dataset in config.datasets:
+        path = Path(dataset.path)
+        if not path.exists() and (path.is_absolute() or dataset.path.startswith(".")):
+            raise UserError(f"datasets: '{dataset.path}' not found.")
+        rows = count_local_rows(dataset)
+        where = "local" if path.exists() else "Hugging Face Hub"
+        lines.append(f"dataset: {dataset.path} ({where}, type {dataset.type}, split {dataset.split}"
+                     + (f", {rows} rows)" if rows is not None else ")"))
+        total_rows = None if rows is None or total_rows is None else total_rows + rows
+    per_step = config.effective_batch_per_process()
+    lines.append(f"batch: {config.micro_batch_size} micro x {config.gradient_accumulation_steps} accumulation "
+                 f"= {per_step} rows per step per process"
+                 + (", packed into rows of " + str(config.sequence_len) + " tokens" if config.sample_packing else ""))
+    if config.max_steps is not None:
+        lines.append(f"steps: {config.max_steps} (max_steps)")
+    elif total_rows is not None and not config.sample_packing:
+        val = val_row_count(config.val_set_size, total_rows)
+        steps = math.ceil(config.num_epochs * math.ceil((total_rows - val) / per_step))
+        lines.append(f"steps: {steps} ({config.num_epochs:g} epochs of {total_rows - val} rows, {val} held out)")
+    else:
+        lines.append(f"steps: {config.num_epochs:g} epochs (step count known once the data is prepared)")
+    lines.append(f"output_dir: {config.output_dir}")
+    if config.resume_from_checkpoint:
+        lines.append(f"resume_from_checkpoint: {config.resume_from_checkpoint}")
+    return "\n".join(lines)

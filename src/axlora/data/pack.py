@@ -1,0 +1,222 @@
+"""Sample packing: put several whole tokenized samples into one row of at most ``capacity`` tokens.
+
+Why: chat/instruction samples are short and vary a lot in length. Padding each batch to its longest
+sample wastes most of the compute on pad tokens; packing fills rows with real tokens (typically
+>= 97 % fill) while keeping every sample intact and independent.
+
+Independence is kept by three things, all produced here and relied on by
+:class:`axlora.data.collate.PackedCollator`:
+
+* ``position_ids`` restart at 0 for every sample, so rotary embeddings see exactly the positions the
+  sample would have alone, and transformers can find the sample boundaries (see ``collate.py``:
+  with ``attention_mask=None`` it turns the position restarts into a block-diagonal causal mask,
+  or into ``cu_seq_lens`` for flash-attn varlen);
+* ``labels`` of the FIRST token of every sample are ``-100``: with the usual causal shift
+  (``logits[:, :-1]`` scored against ``labels[:, 1:]``) the label of token ``t`` is what position
+  ``t - 1`` predicts, and position ``t - 1`` is the previous sample's last token. Run alone, a
+  sample's first label is never scored either, so packing changes neither the loss nor the number
+  of label tokens;
+* ``seq_lens`` records the sample lengths of each row (for statistics and for checks).
+
+Worked example (``capacity = 10``)::
+
+    sample A: input_ids  [a0 a1 a2]         labels [-100 a1 a2]        (a0 is a prompt token)
+    sample B: input_ids  [b0 b1 b2 b3]      labels [-100 -100 b2 b3]   (b0, b1 are prompt tokens)
+    sample C: input_ids  [c0 c1]            labels [c0 c1]             (no prompt: c0 is a label)
+
+    pack_sequences([3, 4, 2], capacity=10) -> [[0, 1, 2]]     (9 of 10 slots used)
+
+    packed row:
+        input_ids     a0    a1  a2   b0    b1    b2  b3   c0    c1
+        labels      -100    a1  a2 -100  -100    b2  b3 -100    c1
+        position_ids   0     1   2    0     1     2   3    0     1
+        seq_lens    [3, 4, 2]
+                       ^ boundary  ^ boundary        ^ boundary
+
+    C's ``c0`` label becomes -100: otherwise position 6 (``b3``, the end of sample B) would be trained to
+    predict ``c0``, the start of an unrelated sample. The collator later pads the row on the right
+    with a separate "padding sample" (positions restarting at 0, labels -100), so a batch of rows of
+    different lengths needs no ``attention_mask``.
+
+Bin packing is best-fit decreasing: samples are taken longest first and each goes into the open
+row with the least room that still fits it (a new row if none does). It has the same asymptotic
+guarantee as first-fit decreasing (about 11/9 of the optimal number of rows) and in practice packs
+at least as tightly. Its
+lookup is cheap: rows are bucketed by their remaining room, and the distinct room values (at most
+``capacity`` of them) sit in a sorted list searched with :func:`bisect.bisect_left`, so a million
+samples pack in a few seconds of pure Python.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+"""Label value that the cross-entropy loss ignores (``torch.nn.CrossEntropyLoss`` default)."""
+
+
+def _validated_sizes(lengths: Sequence[int], capacity: int) -> list[int]:
+    """Plain ``int`` sizes, rejecting what cannot be packed (so a bad sample is named, not silently dropped)."""
+    if capacity < 1:
+        raise ValueError(f"packing capacity must be at least 1 token, got {capacity}")
+    sizes = [int(n) for n in lengths]
+    for index, size in enumerate(sizes):
+        if size < 1:
+            raise ValueError(f"sample {index} is empty; remove empty samples before packing")
+        if size > capacity:
+            raise ValueError(
+                f"sample {index} has {size} tokens, more than the packing capacity of {capacity}; "
+                "truncate or drop it before packing"
+            )
+    return sizes
+
+
+def _longest_first(sizes: list[int]) -> list[int]:
+    """Sample indices by decreasing length; ties keep dataset order (Python's sort is stable) for determinism."""
+    return sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+
+
+class _RoomIndex:
+    """Open rows grouped by remaining room, with the distinct room values kept sorted for bisection."""
+
+    def __init__(self) -> None:
+        self._rows_by_room: dict[int, list[int]] = {}
+        self._rooms: list[int] = []
+
+    def take_tightest(self, size: int) -> tuple[int, int] | None:
+        """Remove and return ``(row, room)`` for a row with the least room >= ``size``, or None if none fits."""
+        k = bisect_left(self._rooms, size)
+        if k == len(self._rooms):
+            return None
+        room = self._rooms[k]
+        rows = self._rows_by_room[room]
+        row = rows.pop()
+        if not rows:
+            del self._rows_by_room[room]
+            del self._rooms[k]
+        return row, room
+
+    def put(self, row: int, room: int) -> None:
+        """Register ``row`` as having ``room`` free tokens. Full rows are not tracked: nothing fits them."""
+        if room <= 0:
+            return
+        rows = self._rows_by_room.get(room)
+        if rows is None:
+            self._rows_by_room[room] = [row]
+            insort(self._rooms, room)
+        else:
+            rows.append(row)
+
+
+def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group sample indices into rows holding at most ``capacity`` tokens each (best-fit decreasing).
+
+    Every index of ``lengths`` appears in exactly one row; within a row indices are ascending (dataset
+    order). The result depends only on ``lengths`` and ``capacity``. Rows come out roughly longest
+    samples first, so shuffle the rows (not the samples) when training.
+
+    Raises:
+        ValueError: if ``capacity < 1``, a sample is empty, or a sample is longer than ``capacity``.
+    """
+    sizes = _validated_sizes(lengths, capacity)
+    rows: list[list[int]] = []
+    open_rows = _RoomIndex()
+    for index in _longest_first(sizes):
+        size = sizes[index]
+        found = open_rows.take_tightest(size)
+        if found is None:
+            row, room = len(rows), capacity
+            rows.append([])
+        else:
+            row, room = found
+        rows[row].append(index)
+        open_rows.put(row, room - size)
+    return [sorted(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class PackingStats:
+    """How well samples were packed: ``fill`` is the share of row slots holding real tokens."""
+
+    rows: int
+    samples: int
+    tokens: int
+    capacity: int
+
+    @property
+    def fill(self) -> float:
+        """Real tokens / (rows * capacity); 0.0 when there are no rows."""
+        slots = self.rows * self.capacity
+        return self.tokens / slots if slots else 0.0
+
+    @classmethod
+    def from_bins(cls, bins: Sequence[Sequence[int]], lengths: Sequence[int], capacity: int) -> PackingStats:
+        """Stats of :func:`pack_sequences` output ``bins`` over sample ``lengths``."""
+        return cls(
+            rows=len(bins),
+            samples=sum(len(b) for b in bins),
+            tokens=sum(int(lengths[i]) for b in bins for i in b),
+            capacity=capacity,
+        )
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Mapping[str, Any]], capacity: int) -> PackingStats:
+        """Stats of :func:`pack_examples` output (reads each row's ``seq_lens``)."""
+        return cls(
+            rows=len(rows),
+            samples=sum(len(r["seq_lens"]) for r in rows),
+            tokens=sum(sum(r["seq_lens"]) for r in rows),
+            capacity=capacity,
+        )
+
+    def summary(self) -> str:
+        """One log line, e.g. ``'packed 5000 samples into 297 rows of 4096 tokens, fill 98.7%'``."""
+        return (
+            f"packed {self.samples} samples into {self.rows} rows of {self.capacity} tokens, "
+            f"fill {100 * self.fill:.1f}%"
+        )
+
+
+def _checked_example(example: Mapping[str, Sequence[int]], index: int) -> tuple[list[int], list[int]]:
+    """``input_ids`` and ``labels`` as lists; a length mismatch would misalign every later sample in the row."""
+    input_ids = list(example["input_ids"])
+    labels = list(example["labels"])
+    if len(input_ids) != len(labels):
+        raise ValueError(
+            f"example {index} has {len(input_ids)} input_ids but {len(labels)} labels; they must match"
+        )
+    return input_ids, labels
+
+
+def _build_row(
+    examples: Sequence[Mapping[str, Sequence[int]]], indices: Sequence[int]
+) -> dict[str, list[int]]:
+    """Concatenate the samples at ``indices``: restart positions, and mask each sample's first label."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for index in indices:
+        input_ids, labels = _checked_example(examples[index], index)
+        labels[0] = IGNORE_INDEX  # never predict a sample's first token from the previous sample
+        row["input_ids"] += input_ids
+        row["labels"] += labels
+        row["position_ids"] += range(len(input_ids))
+        row["seq_lens"].append(len(input_ids))
+    return row
+
+
+def pack_examples(
+    examples: Sequence[Mapping[str, Sequence[int]]], capacity: int
+) -> list[dict[str, list[int]]]:
+    """Pack tokenized examples (``input_ids``, ``labels``) into rows of at most ``capacity`` tokens.
+
+    Each returned row has ``input_ids``, ``labels`` (first label of every sample set to -100),
+    ``position_ids`` (restarting at 0 per sample) and ``seq_lens`` (sample lengths, in row order).
+    Rows are not padded: :class:`axlora.data.collate.PackedCollator` pads per batch.
+
+    Raises:
+        ValueError: for an empty sample, a sample longer than ``capacity``, or mismatched lengths.
+    """
+    lengths = [len(example["input_ids"]) for example in examples]
+    return [_build_row(examples, indices) for indices in pack_sequences(lengths, capacity)]

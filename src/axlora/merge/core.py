@@ -1,0 +1,321 @@
+"""``merge_lora``: stream a base checkpoint through the adapter into a new, verified, atomically published model."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import UserError
+from . import ops
+from .adapter import Adapter, LoraModule, load_adapter
+from .base import BaseModel, load_base, resolve_base_dir
+from .output import (
+    MARKER,
+    check_output_dir,
+    copy_synced,
+    publish,
+    staging_dir,
+    tokenizer_files,
+    write_json,
+)
+from .plan import MergePlan, OutputTensor, build_plan, parse_dtype
+from .safetensors_io import CODE_TO_TORCH, ShardWriter, TensorReader, plan_shards
+
+Log = Callable[[str], None]
+
+
+class MergeVerificationError(RuntimeError):
+    """A merged weight does not reproduce base + adapter on the probe: nothing was published."""
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge produced; ``max_verify_error`` is None when verification was switched off."""
+
+    output_dir: Path
+    merged_modules: int
+    max_verify_error: float | None
+    total_size: int
+    seconds: float
+    replaced_tensors: int = 0
+    max_abs_error: float | None = None
+    dtype: str = "float32"
+    shards: int = 0
+
+
+@dataclass
+class _Verifier:
+    """Runs the probe checks and keeps the worst errors seen, to report and to fail on."""
+
+    enabled: bool
+    tolerance: float | None
+    worst_fp32: float = 0.0
+    worst_out: float = 0.0
+    worst_abs: float = 0.0
+    worst_name: str = ""
+    checked: int = 0
+
+    def limit(self, dtype: torch.dtype) -> float:
+        return self.tolerance if self.tolerance is not None else ops.DEFAULT_TOLERANCE[dtype]
+
+    def check(self, name: str, fp32: ops.ProbeError, out: ops.ProbeError, dtype: torch.dtype) -> None:
+        """Fail on the first weight past tolerance: in fp32 before the cast, and as written in ``dtype``."""
+        self.checked += 1
+        fp32_limit = min(ops.FP32_TOLERANCE, self.limit(dtype))
+        if not fp32.relative <= fp32_limit:
+            raise MergeVerificationError(
+                f"verification failed for {name}: the fp32 merged weight differs from base + adapter by relative "
+                f"error {fp32.relative:.3g} (tolerance {fp32_limit:.3g}); the merge arithmetic is wrong, nothing "
+                "was written")
+        if not out.relative <= self.limit(dtype):
+            raise MergeVerificationError(
+                f"verification failed for {name}: as {_dtype_name(dtype)} it differs from base + adapter by relative "
+                f"error {out.relative:.3g} (tolerance {self.limit(dtype):.3g}); nothing was written. Pass a larger "
+                "tolerance only if this precision loss is expected")
+        if out.relative >= self.worst_out:
+            self.worst_out, self.worst_name = out.relative, name
+        self.worst_fp32 = max(self.worst_fp32, fp32.relative)
+        self.worst_abs = max(self.worst_abs, out.absolute)
+
+
+@dataclass
+class _Context:
+    adapter_reader: TensorReader
+    verifier: _Verifier
+    base_reader: TensorReader | None = None
+    written: dict[str, str] = field(default_factory=dict)
+
+    def reader_for(self, path: Path) -> TensorReader:
+        """One base shard open at a time; switching shards closes the previous file."""
+        if self.base_reader is None or self.base_reader.path != path:
+            if self.base_reader is not None:
+                self.base_reader.close()
+            self.base_reader = TensorReader(path)
+        return self.base_reader
+
+
+def merge_lora(
+    base_model: str | Path,
+    adapter_dir: Path,
+    output_dir: Path,
+    *,
+    dtype: str | None = None,
+    verify: bool = True,
+    tolerance: float | None = None,
+    tokenizer_dir: Path | None = None,
+    max_shard_size: int = 2 * 1024**3,
+    log: Log = print,
+) -> MergeReport:
+    """Merge a peft LoRA adapter into its base model, one tensor in memory at a time.
+
+    Reads the base's safetensors shards tensor by tensor, adds ``scale * B @ A`` (fp32) to each targeted weight,
+    writes bounded output shards, the index, config, generation config and tokenizer files into a temporary
+    sibling of ``output_dir``, then renames it into place. With ``verify`` each merged weight is checked against
+    base + adapter on random probe vectors; any failure raises and leaves no output. ``dtype`` (float32, bfloat16,
+    float16) overrides the floating tensors' dtype, which otherwise stays the base's own.
+    """
+    started = time.monotonic()
+    out_dtype = parse_dtype(dtype)
+    if max_shard_size <= 0:
+        raise UserError(f"max_shard_size {max_shard_size}: expected a positive number of bytes")
+    if tolerance is not None and not tolerance > 0:
+        raise UserError(f"tolerance {tolerance}: expected a positive number")
+    adapter_dir, output_dir = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
+    base_dir = resolve_base_dir(base_model, log)
+    inputs = {"base model": base_dir, "adapter": adapter_dir}
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir).expanduser()
+        inputs["tokenizer"] = tokenizer_dir
+    check_output_dir(output_dir, inputs)
+    base = load_base(base_dir)
+    adapter = load_adapter(adapter_dir)
+    plan = build_plan(base, adapter, out_dtype)
+    tokenizer_sources = _tokenizer_sources(tokenizer_dir, base_dir)
+    log(f"merging {adapter_dir} into {base_dir}: {plan.merged_modules} LoRA modules, {plan.replaced} replaced "
+        f"tensors, output {_dtype_name(plan.output_dtype)}"
+        + (" (lm_head untied from the embedding)" if plan.untied else ""))
+    verifier = _Verifier(verify, tolerance)
+    with staging_dir(output_dir) as tmp:
+        total_size, shard_count = _write_weights(plan, adapter, tmp, verifier, max_shard_size, log)
+        _write_side_files(plan, base, tmp, tokenizer_sources)
+        report = MergeReport(
+            output_dir=output_dir, merged_modules=plan.merged_modules,
+            max_verify_error=verifier.worst_out if verify else None, total_size=total_size,
+            seconds=0.0, replaced_tensors=plan.replaced, max_abs_error=verifier.worst_abs if verify else None,
+            dtype=_dtype_name(plan.output_dtype), shards=shard_count)
+        write_json(tmp / MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
+        publish(tmp, output_dir, inputs)
+    seconds = time.monotonic() - started
+    if verify:
+        log(f"verified {verifier.checked} merged weights: largest relative error {verifier.worst_out:.3g} as "
+            f"{report.dtype} ({verifier.worst_name or 'none'}), {verifier.worst_fp32:.3g} in fp32 before the cast, "
+            f"largest absolute error {verifier.worst_abs:.3g}")
+    log(f"wrote {output_dir} ({total_size / 1e9:.2f} GB in {shard_count} shards) in {seconds:.1f}s")
+    return replace(report, seconds=seconds)
+
+
+def _tokenizer_sources(tokenizer_dir: Path | None, base_dir: Path) -> list[Path]:
+    """The run's tokenizer (it may have added tokens or a chat template) when given, else the base's."""
+    if tokenizer_dir is None:
+        return tokenizer_files(base_dir)
+    if not tokenizer_dir.is_dir():
+        raise UserError(f"{tokenizer_dir}: tokenizer directory not found")
+    found = tokenizer_files(tokenizer_dir)
+    if not found:
+        raise UserError(f"{tokenizer_dir}: expected tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+    return found
+
+
+def _write_weights(plan: MergePlan, adapter: Adapter, tmp: Path, verifier: _Verifier, max_shard_size: int,
+                   log: Log) -> tuple[int, int]:
+    """Write all output shards and the index; returns (total bytes of tensors, shard count)."""
+    groups = plan_shards([t.planned for t in plan.tensors], max_shard_size)
+    by_name = {t.name: t for t in plan.tensors}
+    total = sum(t.nbytes for g in groups for t in g)
+    weight_map: dict[str, str] = {}
+    with TensorReader(adapter.weights) as adapter_reader:
+        ctx = _Context(adapter_reader, verifier)
+        try:
+            for i, group in enumerate(groups, start=1):
+                filename = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+                writer = ShardWriter(tmp / filename, group)
+                try:
+                    for planned in group:
+                        _write_tensor(by_name[planned.name], writer, ctx)
+                        weight_map[planned.name] = filename
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                log(f"  {filename}: {len(group)} tensors, {sum(t.nbytes for t in group) / 1e9:.2f} GB")
+        finally:
+            if ctx.base_reader is not None:
+                ctx.base_reader.close()
+    params = sum(by_name[n].source.numel for n in weight_map)
+    index = {"metadata": {"total_size": total, "total_parameters": params},
+             "weight_map": dict(sorted(weight_map.items()))}
+    write_json(tmp / "model.safetensors.index.json", index)
+    return total, len(groups)
+
+
+def _write_tensor(entry: OutputTensor, writer: ShardWriter, ctx: _Context) -> None:
+    """Produce one output tensor (copy, cast, replace and/or merge) and stream it into the shard."""
+    if entry.passthrough:
+        ctx.reader_for(entry.source.path).copy_raw(entry.source, writer, entry.name)
+        return
+    if entry.replacement is not None:
+        tensor = ctx.adapter_reader.read(entry.replacement)
+    else:
+        tensor = ctx.reader_for(entry.source.path).read(entry.source)
+    out_dtype = CODE_TO_TORCH[entry.dtype]
+    if entry.lora is not None:
+        tensor = _merge_weight(entry, entry.lora, tensor, out_dtype, ctx)
+    elif entry.bias_of is not None:
+        tensor = _merge_bias(entry, entry.bias_of, tensor, out_dtype, ctx)
+    else:
+        tensor = tensor.to(out_dtype)
+    _require_finite(entry, tensor, out_dtype)
+    writer.write_tensor(entry.name, tensor)
+
+
+def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """Merge arithmetic runs in fp32 (fp64 for fp64 checkpoints, so precision is never lowered)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _merge_weight(entry: OutputTensor, lora: LoraModule, tensor: torch.Tensor, out_dtype: torch.dtype,
+                  ctx: _Context) -> torch.Tensor:
+    """W + scale * B @ A (DoRA-rescaled if needed) in fp32, cast to the output dtype, probe-checked."""
+    assert lora.a is not None and lora.b is not None
+    work = _work_dtype(tensor)
+    weight = tensor.to(work)  # our own freshly read buffer when already fp32: safe to modify in place
+    del tensor
+    matrix = ops.matrix_view(weight, entry.transposed)
+    lora_a = ctx.adapter_reader.read(lora.a).to(work)
+    lora_b = ctx.adapter_reader.read(lora.b).to(work)
+    verify = ctx.verifier.enabled
+    if verify:
+        x = ops.probe_columns(entry.name, matrix.shape[1], work)
+        base_out = matrix @ x
+    ops.add_lora_delta(matrix, lora_a, lora_b, lora.scale)
+    factor = None
+    if lora.magnitude is not None:
+        factor = ops.apply_dora(matrix, ctx.adapter_reader.read(lora.magnitude).to(work))
+    _require_finite(entry, weight, work)
+    out = weight.to(out_dtype)
+    if verify:
+        reference = ops.reference_output(base_out, x, lora_a, lora_b, lora.scale)
+        if factor is not None:
+            reference = reference * factor.unsqueeze(1)
+        err_fp32 = ops.compare(matrix @ x, reference)
+        err_out = err_fp32 if out is weight else ops.compare(
+            ops.matmul_fp32(ops.matrix_view(out, entry.transposed), x), reference)
+        ctx.verifier.check(entry.name, err_fp32, err_out, out_dtype)
+    return out
+
+
+def _merge_bias(entry: OutputTensor, lora: LoraModule, tensor: torch.Tensor, out_dtype: torch.dtype,
+                ctx: _Context) -> torch.Tensor:
+    """lora_bias: the base bias plus scale * lora_B.bias, like peft's merge."""
+    assert lora.bias is not None
+    work = _work_dtype(tensor)
+    bias = tensor.to(work)
+    bias.add_(ctx.adapter_reader.read(lora.bias).to(work), alpha=lora.scale)
+    return bias.to(out_dtype)
+
+
+def _require_finite(entry: OutputTensor, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN/inf in a merged or cast tensor means a broken adapter or an fp16 overflow: never write it."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeVerificationError(
+            f"{entry.name}: contains NaN or inf as {_dtype_name(dtype)} (a broken adapter, or values out of range for "
+            "this dtype); nothing was written")
+
+
+def _write_side_files(plan: MergePlan, base: BaseModel, tmp: Path, tokenizer_sources: list[Path]) -> None:
+    """config.json (with the output dtype), generation config, remote code, tokenizer files."""
+    config = dict(plan.config)
+    dtype_name = _dtype_name(plan.output_dtype)
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    write_json(tmp / "config.json", config)
+    extras = [base.directory / "generation_config.json"]
+    if config.get("auto_map"):
+        extras += sorted(base.directory.glob("*.py"))
+    for src in extras + tokenizer_sources:
+        if src.exists() and not (tmp / src.name).exists():
+            copy_synced(src, tmp / src.name)
+
+
+def _marker(base_model: str | Path, base_dir: Path, adapter_dir: Path, report: MergeReport,
+            verifier: _Verifier) -> dict[str, Any]:
+    """What identifies this directory as ours (so a later merge may replace it) and how it was made."""
+    return {
+        "tool": "axlora merge-lora",
+        "axlora_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": str(base_model),
+        "base_dir": str(base_dir),
+        "adapter_dir": str(adapter_dir.resolve()),
+        "dtype": report.dtype,
+        "merged_modules": report.merged_modules,
+        "replaced_tensors": report.replaced_tensors,
+        "verified": verifier.enabled,
+        "max_verify_error": report.max_verify_error,
+        "max_verify_error_fp32": verifier.worst_fp32 if verifier.enabled else None,
+        "total_size": report.total_size,
+        "pid": os.getpid(),
+    }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,327 @@
+"""The training run: setup -> train -> save, readable top to bottom.
+
+A small loop on accelerate rather than transformers' Trainer, because the properties users depend on
+need control of each step: the loss of an optimizer step is the sum of token losses over all its micro
+batches (and processes) divided by the step's global label-token count, so micro batch size, gradient
+accumulation, packing and process count do not change what is optimized; the data position is a pure
+function of the step, so a resumed run is bitwise the uninterrupted one; and every directory a later run
+trusts is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axlora import __version__
+from axlora.config.schema import Config
+from axlora.data.collate import PackedCollator, PaddedCollator, model_inputs
+from axlora.data.pack import pack_examples
+from axlora.data.prepare import PreparedData, prepare_data
+from axlora.model.adapter import attach_adapter, plan_adapter
+from axlora.model.load import load_base_model, load_tokenizer, tokenizer_fingerprint
+from axlora.train import checkpoint as ckpt
+from axlora.train.metrics import MetricsLog
+from axlora.train.optim import build_optimizer, build_scheduler, resolve_optimizer
+from axlora.train.precision import choose_precision
+from axlora.train.progress import Progress
+from axlora.train.samples import generate_samples, sample_prompt_texts
+from axlora.train.schedule import StepSchedule
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_training(config: Config, log=print) -> RunResult:
+    """Train the LoRA the config describes and write ``output_dir`` (see the design's Outputs)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    output_dir = Path(config.output_dir)
+    started = time.perf_counter()
+    precision = choose_precision(config)
+    optimizer_cls, optimizer_kwargs = resolve_optimizer(config)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    say = log if is_main else (lambda *_: None)
+
+    # ---- setup: plan, data, model ------------------------------------------------------------------
+    plan = plan_adapter(config)
+    resume_from = ckpt.resolve_resume(config, say)
+    tokenizer = load_tokenizer(config)
+    prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), say)
+    train_rows, collate = _layout_rows(prepared, config, tokenizer, say)
+    val_rows, val_collate = _layout_val(prepared, config, tokenizer)
+
+    set_seed(config.seed)
+    model = load_base_model(config, precision.torch_dtype)
+    model = attach_adapter(model, config, plan, say)
+    trainable, total = _count_parameters(model)
+    say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
+
+    prompts = sample_prompt_texts(config)
+    samples_before = generate_samples(model, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
+
+    schedule = StepSchedule(
+        num_rows=len(train_rows),
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        world_size=accelerator.num_processes,
+        seed=config.seed,
+    )
+    total_steps = schedule.total_steps(config.num_epochs, config.max_steps)
+    optimizer = build_optimizer(model, config, optimizer_cls, optimizer_kwargs)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    resume_key = ckpt.ResumeKey(
+        data_fingerprint=prepared.fingerprint,
+        sequence_len=config.sequence_len,
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        world_size=accelerator.num_processes,
+        sample_packing=config.sample_packing,
+        seed=config.seed,
+    )
+
+    start_step, totals = 0, {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
+    if resume_from is not None:
+        state = ckpt.read_checkpoint_state(resume_from, resume_key)
+        _load_adapter_weights(model, resume_from)
+        ckpt.load_training_state(resume_from, optimizer, scheduler)
+        start_step, totals = state["step"], state.get("totals", totals)
+        say(f"resume: resumed from checkpoints/{resume_from.name} at step {start_step}/{total_steps}")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics = MetricsLog(output_dir / "logs", resume_step=start_step, enabled=is_main)
+    say(
+        f"train: {len(train_rows)} rows, {schedule.rows_per_step} rows/step "
+        f"({config.micro_batch_size} micro x {config.gradient_accumulation_steps} accum x "
+        f"{accelerator.num_processes} proc), {total_steps} steps, {schedule.steps_per_epoch} steps/epoch"
+    )
+
+    # ---- train --------------------------------------------------------------------------------------
+    progress = Progress(total_steps, start_step, enabled=is_main)
+    last: dict[str, Any] = {}
+    eval_loss = None
+    for step in range(start_step, total_steps):
+        step_started = time.perf_counter()
+        loss, grad_norm, tokens, label_tokens = _train_step(
+            model, optimizer, accelerator, schedule, step, train_rows, collate, config.max_grad_norm
+        )
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        seconds = time.perf_counter() - step_started
+        totals["tokens"] += tokens
+        totals["label_tokens"] += label_tokens
+        totals["train_seconds"] += seconds
+        done = step + 1
+        last = {"step": done, "epoch": round(schedule.epoch_of(done), 4), "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_second": tokens / max(seconds, 1e-9)}
+        progress.update(done, last)
+        row: dict[str, Any] | None = dict(last) if (done % config.logging_steps == 0 or done == total_steps) else None
+        if val_rows and _due(done, config.eval_steps, total_steps):
+            eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
+            row = {**(row or {"step": done}), "eval_loss": eval_loss}
+        if row is not None:
+            metrics.write(row)
+            progress.log_line(done, row)
+        if config.save_steps and done % config.save_steps == 0 and done < total_steps:
+            if is_main:
+                ckpt.save_checkpoint(
+                    output_dir, done,
+                    save_adapter=lambda d: accelerator.unwrap_model(model).save_pretrained(d),
+                    optimizer=optimizer, scheduler=scheduler, config=config, resume_key=resume_key,
+                    extra_state={"totals": totals, "total_steps": total_steps},
+                    save_total_limit=config.save_total_limit,
+                )
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    # ---- save ---------------------------------------------------------------------------------------
+    unwrapped = accelerator.unwrap_model(model)
+    samples_after = generate_samples(unwrapped, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
+    summary = {
+        "axlora_version": __version__,
+        "steps": total_steps,
+        "resumed_from_step": start_step or None,
+        "epochs": round(schedule.epoch_of(total_steps), 4),
+        "world_size": accelerator.num_processes,
+        "adapter": {"case": plan.case, "reason": plan.reason},
+        "train_rows": len(prepared.train),
+        "val_rows": len(prepared.val),
+        "tokens": totals["tokens"],
+        "label_tokens": totals["label_tokens"],
+        "tokens_per_second": totals["tokens"] / max(totals["train_seconds"], 1e-9),
+        "final_train_loss": last.get("loss"),
+        "final_eval_loss": eval_loss,
+        "peak_memory_bytes": _peak_memory(),
+        "wall_seconds": time.perf_counter() - started,
+        "precision": precision.name,
+        "samples": [
+            {"prompt": p, "before": b, "after": a}
+            for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
+        ],
+        "versions": _versions(),
+    }
+    if is_main:
+        _write_final(output_dir, unwrapped, tokenizer, config, summary)
+        metrics.plot_loss()
+        metrics.close()
+        _print_samples(summary["samples"], say)
+        say(f"saved: {output_dir / 'final'}")
+    accelerator.wait_for_everyone()
+    return RunResult(output_dir=output_dir, summary=summary)
+
+
+def _layout_rows(prepared: PreparedData, config: Config, tokenizer, say):
+    """Training rows as the loop consumes them: packed rows when ``sample_packing``, else samples."""
+    pad = tokenizer.pad_token_id
+    if not config.sample_packing:
+        return prepared.train, PaddedCollator(pad_token_id=pad)
+    rows = pack_examples(prepared.train, config.sequence_len)
+    real = sum(len(r["input_ids"]) for r in rows)
+    say(f"packing: {len(prepared.train)} samples -> {len(rows)} rows of {config.sequence_len} "
+        f"({100 * real / (len(rows) * config.sequence_len):.1f}% full)")
+    return rows, PackedCollator(pad_token_id=pad)
+
+
+def _layout_val(prepared: PreparedData, config: Config, tokenizer):
+    # validation rows stay unpacked: eval loss is then comparable across packing settings
+    return prepared.val, PaddedCollator(pad_token_id=tokenizer.pad_token_id)
+
+
+def _train_step(model, optimizer, accelerator, schedule: StepSchedule, step: int, rows, collate, max_grad_norm):
+    """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks."""
+    import torch
+
+    micro_batches = [collate([rows[i] for i in chunk]) for chunk in schedule.micro_batches(step, accelerator.process_index)]
+    local = sum(batch["num_label_tokens"] for batch in micro_batches)
+    tokens = sum(len(rows[i]["input_ids"]) for chunk in schedule.micro_batches(step, accelerator.process_index) for i in chunk)
+    counts = torch.tensor([local, tokens], device=accelerator.device, dtype=torch.long)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    global_label_tokens, global_tokens = int(counts[0]), int(counts[1])
+    step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float32)
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        context = accelerator.no_sync(model) if not last else _nullcontext()
+        with context, accelerator.autocast():
+            out = model(**model_inputs(batch, accelerator.device, include_labels=True),
+                        num_items_in_batch=max(global_label_tokens, 1))
+            # gradients are averaged over ranks by DDP; scale up so the result is the global token mean
+            loss = out.loss * accelerator.num_processes
+        accelerator.backward(loss)
+        step_loss += out.loss.detach().float()
+    grad_norm = float("nan")
+    if max_grad_norm > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator.num_processes > 1:
+        step_loss = accelerator.reduce(step_loss, reduction="sum")
+    return float(step_loss), grad_norm, global_tokens, global_label_tokens
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
+    """Mean token loss over all validation rows (sum of token losses / label tokens)."""
+    import torch
+
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    with torch.no_grad():
+        for start in range(0, len(mine), micro_batch_size):
+            batch = collate([rows[i] for i in mine[start:start + micro_batch_size]])
+            with accelerator.autocast():
+                out = model(**model_inputs(batch, accelerator.device, include_labels=True), num_items_in_batch=1)
+            total += out.loss.double()
+            count += batch["num_label_tokens"]
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+        count = accelerator.reduce(count, reduction="sum")
+    model.train()
+    return float(total / count.clamp(min=1))
+
+
+def _due(step: int, every: int | None, total: int) -> bool:
+    return step == total or (every is not None and step % every == 0)
+
+
+def _load_adapter_weights(model, checkpoint_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint_dir / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "unexpected_keys", [])]
+    if missing:
+        raise RuntimeError(f"checkpoint {checkpoint_dir} holds weights the model lacks: {missing[:3]}")
+
+
+def _count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _peak_memory() -> dict[str, int | None]:
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"cpu_rss_bytes": rss, "gpu_allocated_bytes": gpu}
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    return {"axlora": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def _write_final(output_dir: Path, model, tokenizer, config: Config, summary: dict) -> None:
+    from axlora.atomic import atomic_directory
+
+    with atomic_directory(output_dir / "final") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        ckpt.write_resolved_config(config, tmp / ckpt.RESOLVED_CONFIG)
+        (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _print_samples(samples: list[dict], say) -> None:
+    for sample in samples:
+        prompt = sample["prompt"].strip().splitlines()
+        say(f"sample: {' / '.join(prompt[-4:])}")
+        say(f"  before: {sample['before'].strip()!r}")
+        say(f"  after:  {sample['after'].strip()!r}")

@@ -1,0 +1,56 @@
+"""Optimizer and learning-rate schedule, by the names transformers' Trainer knows."""
+
+from __future__ import annotations
+
+from axlora.config.schema import Config
+from axlora.errors import UserError
+
+
+def resolve_optimizer(config: Config):
+    """The optimizer class and keyword arguments ``config.optimizer`` names, as the Trainer maps them.
+
+    Call this before creating the ``Accelerator``: building ``TrainingArguments`` resets accelerate's
+    process state.
+    """
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    known = {o.value for o in OptimizerNames}
+    if config.optimizer not in known:
+        from axlora.config.load import did_you_mean
+
+        raise UserError(
+            f"optimizer: unknown optimizer '{config.optimizer}'{did_you_mean(config.optimizer, known)}"
+        )
+    args = TrainingArguments(
+        output_dir=config.output_dir,
+        optim=config.optimizer,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2,
+        adam_epsilon=config.adam_epsilon,
+        report_to=[],
+    )
+    try:
+        return Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as exc:
+        raise UserError(f"optimizer: '{config.optimizer}' is not usable here: {exc}") from None
+
+
+def build_optimizer(model, config: Config, optimizer_cls, kwargs):
+    """The optimizer over the trainable (LoRA) parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params, "weight_decay": config.weight_decay}]
+    return optimizer_cls(groups, **kwargs)
+
+
+def build_scheduler(optimizer, config: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.derived_warmup_steps(total_steps),
+        num_training_steps=total_steps,
+    )

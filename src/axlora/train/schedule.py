@@ -1,0 +1,60 @@
+"""Which rows each optimizer step trains on: a pure function of (seed, step).
+
+Because the order depends on nothing but the seed and the step number, resuming needs only the step:
+no sampler state to save, and a resumed run sees exactly the rows the uninterrupted run would have.
+The rows of one step are the same whatever the number of processes, so N processes with micro batch m
+train on the same rows per step as one process with micro batch N*m.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    num_rows: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    seed: int
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The last step of an epoch may be short; it is kept (its loss is normalized by its own tokens)."""
+        return max(1, math.ceil(self.num_rows / self.rows_per_step))
+
+    def total_steps(self, num_epochs: float | None, max_steps: int | None) -> int:
+        if max_steps is not None:
+            return max_steps
+        assert num_epochs is not None
+        return max(1, math.ceil(num_epochs * self.steps_per_epoch))
+
+    def epoch_of(self, step: int) -> float:
+        """Epochs completed after ``step`` optimizer steps (fractional)."""
+        return step / self.steps_per_epoch
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
+    def _order(self, epoch: int) -> tuple[int, ...]:
+        order = list(range(self.num_rows))
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return tuple(order)
+
+    def step_rows(self, step: int) -> list[int]:
+        """Row indices of optimizer step ``step`` (0-based) across all processes."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        return list(order[index * self.rows_per_step : (index + 1) * self.rows_per_step])
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This process's micro batches for ``step``: its share of the step's rows, in chunks."""
+        mine = self.step_rows(step)[rank :: self.world_size]
+        size = self.micro_batch_size
+        return [mine[i : i + size] for i in range(0, len(mine), size)]

@@ -1,0 +1,310 @@
+"""Tests for the streamed LoRA merge: merged models must reproduce PeftModel(base + adapter) exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from axlora.errors import UserError
+from axlora.merge import MARKER, MergeVerificationError, merge_lora
+from axlora.merge import ops as merge_ops
+from axlora.merge.safetensors_io import ShardWriter
+
+ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[1, 5, 17, 99, 200, 3, 64, 128, 255, 7]])
+
+
+def _llama(tie: bool = False, hidden: int = 64, layers: int = 2) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=128, vocab_size=256, tie_word_embeddings=tie, max_position_embeddings=64)
+
+
+def _save_base(config, path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A random tiny model saved in several shards, like a real sharded checkpoint."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(path, max_shard_size="60KB")
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return _save_base(_llama(), tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory) -> Path:
+    return _save_base(_llama(tie=True), tmp_path_factory.mktemp("tied"))
+
+
+def _make_adapter(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """A real peft adapter with non-zero B (peft initialises it to zero) and perturbed saved modules."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name or "lora_magnitude_vector" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+            elif "modules_to_save" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def _peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    """Logits of PeftModel(base + adapter); also checks the adapter really changes them (else tests prove nothing)."""
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        logits = model(IDS).logits.float()
+        with model.disable_adapter():
+            assert (model(IDS).logits.float() - logits).abs().max() > 1e-2
+    return logits
+
+
+def _merged_logits(merged_dir: Path) -> torch.Tensor:
+    model, info = AutoModelForCausalLM.from_pretrained(merged_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        return model.eval()(IDS).logits.float()
+
+
+def _tensors(merged_dir: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    out = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        with safe_open(merged_dir / shard, "pt") as f:
+            for key in f.keys():
+                out[key] = f.get_tensor(key)
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def _assert_matches_peft(base_dir: Path, adapter_dir: Path, merged_dir: Path, atol: float = 1e-4) -> None:
+    diff = (_merged_logits(merged_dir) - _peft_logits(base_dir, adapter_dir)).abs().max().item()
+    assert diff <= atol, diff
+
+
+def test_all_attention_and_mlp_targets_match_peft(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=8, lora_alpha=16, target_modules=ATTN_MLP)
+    out = tmp_path / "merged"
+    logs: list[str] = []
+    report = merge_lora(base, adapter, out, max_shard_size=64 * 1024, log=logs.append)
+
+    _assert_matches_peft(base, adapter, out)
+    assert report.merged_modules == 14 and report.output_dir == out
+    assert report.max_verify_error is not None and report.max_verify_error < 1e-5
+    assert any("largest relative error" in line for line in logs)
+    tensors = _tensors(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == report.total_size
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) == report.shards > 2
+    largest = max(t.numel() * t.element_size() for t in tensors.values())
+    assert all(p.stat().st_size <= max(64 * 1024, largest) + 4096 for p in shards)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert (out / "generation_config.json").exists() and (out / "tokenizer_config.json").exists()
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["merged_modules"] == 14 and marker["dtype"] == "float32"
+    assert _leftovers(tmp_path) == []
+
+
+def test_rslora_rank_and_alpha_patterns(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=8, lora_alpha=16, use_rslora=True, target_modules=ATTN_MLP,
+                            rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
+                            alpha_pattern={"v_proj": 40, "model.layers.0.mlp.up_proj": 3})
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] and cfg["rank_pattern"] and cfg["alpha_pattern"]
+    merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    _assert_matches_peft(base, adapter, tmp_path / "merged")
+
+
+def test_modules_to_save_lm_head_replaces_the_base_tensor(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj", "v_proj"],
+                            modules_to_save=["lm_head"])
+    report = merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert report.replaced_tensors == 1 and report.merged_modules == 4
+    _assert_matches_peft(base, adapter, tmp_path / "merged")
+
+
+def test_tied_embeddings_stay_tied_when_untouched(tied_base, tmp_path):
+    adapter = _make_adapter(tied_base, tmp_path / "ad", r=4, target_modules=["q_proj", "v_proj"])
+    merge_lora(tied_base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert "lm_head.weight" not in _tensors(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    _assert_matches_peft(tied_base, adapter, tmp_path / "merged")
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    {"target_modules": ["q_proj", "embed_tokens"]},
+], ids=["lm_head_saved", "embedding_lora"])
+def test_tied_embeddings_untied_like_peft_forward(tied_base, tmp_path, kwargs):
+    adapter = _make_adapter(tied_base, tmp_path / "ad", r=4, **kwargs)
+    merge_lora(tied_base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert "lm_head.weight" in _tensors(tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    _assert_matches_peft(tied_base, adapter, tmp_path / "merged")
+
+
+def test_dora_matches_peft(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, use_dora=True,
+                            target_modules=["q_proj", "v_proj", "down_proj"])
+    merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    _assert_matches_peft(base, adapter, tmp_path / "merged")
+
+
+def test_gpt2_conv1d_fan_in_fan_out_with_lora_bias(tmp_path):
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64)
+    base = _save_base(config, tmp_path / "gpt2")
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                            lora_bias=True)
+    with torch.no_grad():  # lora_B.bias is initialised to zero as well; make it count
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter, is_trainable=True)
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.normal_(std=0.1)
+        model.save_pretrained(adapter)
+    report = merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert report.merged_modules == 6
+    _assert_matches_peft(base, adapter, tmp_path / "merged")
+
+
+def test_bfloat16_output_and_default_keeps_base_dtype(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=8, target_modules=ATTN_MLP)
+    report = merge_lora(base, adapter, tmp_path / "bf16", dtype="bfloat16", log=lambda _: None)
+    assert {t.dtype for t in _tensors(tmp_path / "bf16").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert report.dtype == "bfloat16" and 0 < report.max_verify_error < 1e-2
+
+    bf16_base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    report = merge_lora(bf16_base, adapter, tmp_path / "from_bf16", log=lambda _: None)
+    assert {t.dtype for t in _tensors(tmp_path / "from_bf16").values()} == {torch.bfloat16}
+    assert report.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_verification_catches_a_wrong_delta(base, tmp_path, monkeypatch, dtype):
+    adapter = _make_adapter(base, tmp_path / "ad", r=8, target_modules=ATTN_MLP)
+    real = merge_ops.add_lora_delta
+
+    def slightly_wrong(matrix, lora_a, lora_b, scale):  # 1% off: below bf16 rounding noise of the output
+        real(matrix, lora_a, lora_b, scale * 1.01)
+
+    monkeypatch.setattr(merge_ops, "add_lora_delta", slightly_wrong)
+    with pytest.raises(MergeVerificationError, match="verification failed"):
+        merge_lora(base, adapter, tmp_path / "merged", dtype=dtype, log=lambda _: None)
+    assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
+
+
+def test_interrupted_merge_leaves_no_output(base, tmp_path, monkeypatch):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=ATTN_MLP)
+    real, calls = ShardWriter.write_tensor, []
+
+    def failing(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        merge_lora(base, adapter, tmp_path / "merged", max_shard_size=32 * 1024, log=lambda _: None)
+    assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
+
+
+def test_refuses_base_dir_and_unrelated_nonempty_dir(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with pytest.raises(UserError, match="base model directory"):
+        merge_lora(base, adapter, base, log=lambda _: None)
+    with pytest.raises(UserError, match="adapter"):
+        merge_lora(base, adapter, adapter, log=lambda _: None)
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier merge output"):
+        merge_lora(base, adapter, unrelated, log=lambda _: None)
+    assert (unrelated / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    merge_lora(base, adapter, tmp_path / "empty", log=lambda _: None)
+    assert (tmp_path / "empty" / MARKER).exists()
+
+
+def test_replaces_an_earlier_merge_output(base, tmp_path):
+    first = _make_adapter(base, tmp_path / "a1", seed=1, r=4, target_modules=["q_proj"])
+    second = _make_adapter(base, tmp_path / "a2", seed=2, r=4, target_modules=["v_proj", "o_proj"])
+    out = tmp_path / "merged"
+    merge_lora(base, first, out, log=lambda _: None)
+    report = merge_lora(base, second, out, log=lambda _: None)
+    assert report.merged_modules == 4
+    assert json.loads((out / MARKER).read_text())["adapter_dir"] == str(second.resolve())
+    _assert_matches_peft(base, second, out)
+    assert _leftovers(tmp_path) == []
+
+
+def test_adapter_for_another_base_is_refused(base, tmp_path):
+    other = _save_base(_llama(hidden=32), tmp_path / "other")
+    adapter = _make_adapter(other, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with pytest.raises(UserError, match=r"shape \[32, 32\].*\[64, 64\]"):
+        merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    deeper = _save_base(_llama(layers=3), tmp_path / "deeper")
+    adapter = _make_adapter(deeper, tmp_path / "ad3", r=4, target_modules=["q_proj"])
+    with pytest.raises(UserError, match="layers.2.*another base model"):
+        merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
+
+
+def test_bad_inputs_are_user_errors(base, tmp_path):
+    with pytest.raises(UserError, match="adapter directory not found"):
+        merge_lora(base, tmp_path / "missing", tmp_path / "merged", log=lambda _: None)
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with pytest.raises(UserError, match="dtype"):
+        merge_lora(base, adapter, tmp_path / "merged", dtype="int8", log=lambda _: None)
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="full-precision"):
+        merge_lora(quantized, adapter, tmp_path / "merged", log=lambda _: None)
+    with pytest.raises(UserError, match="tokenizer directory not found"):
+        merge_lora(base, adapter, tmp_path / "merged", tokenizer_dir=tmp_path / "nope", log=lambda _: None)
+
+
+def test_tokenizer_files_come_from_tokenizer_dir(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "tokenizer_config.json").write_text('{"from": "run"}')
+    (final / "chat_template.jinja").write_text("{{ messages }}")
+    (final / "added_tokens.json").write_text('{"<tool>": 256}')
+    merge_lora(base, adapter, tmp_path / "merged", tokenizer_dir=final, log=lambda _: None)
+    out = tmp_path / "merged"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "run"}
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}" and (out / "added_tokens.json").exists()
+
+
+def test_probe_reference_is_independent_of_the_merge():
+    """The checker itself: a correct in-place merge matches, a transposed delta does not."""
+    gen = torch.Generator().manual_seed(0)
+    w0, a, b = (torch.randn(s, generator=gen) for s in [(6, 5), (2, 5), (6, 2)])
+    x = merge_ops.probe_columns("w", 5, torch.float32)
+    ref = merge_ops.reference_output(w0 @ x, x, a, b, 0.5)
+    merged = w0.clone()
+    merge_ops.add_lora_delta(merged, a, b, 0.5)
+    assert merge_ops.compare(merged @ x, ref).relative < 1e-6
+    assert merge_ops.compare((w0 + 0.5 * (b @ a) * 1.1) @ x, ref).relative > 1e-3
