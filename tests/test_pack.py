@@ -186,6 +186,7 @@ def test_padded_collator_shapes_and_masks() -> None:
     assert batch["position_ids"].tolist() == [list(range(8))] * 2
     assert batch["num_label_tokens"] == 2  # the first column is never a target
     assert PaddedCollator()(rows)["input_ids"].shape == (2, 3)
+    assert PaddedCollator(pad_token_id=None)(rows)["input_ids"][1].tolist() == [4, 0, 0]  # no pad token: 0
     assert PaddedCollator(sequence_len=6, pad_to_multiple_of=8)(rows)["input_ids"].shape == (2, 6)
     assert PaddedCollator(sequence_len=16, pad_to_sequence_len=True)(rows)["input_ids"].shape == (2, 16)
     with pytest.raises(ValueError, match="more than sequence_len"):
@@ -320,3 +321,83 @@ def test_packed_logits_equal_unpacked_on_cuda(examples, attn_implementation: str
     """On CUDA; flex_attention is here only: its compiled CPU kernel is slow and gave wrong results (torch 2.13)."""
     model = tiny_llama(attn_implementation, device="cuda")
     check_packed_equals_alone(model, examples, pad_to_multiple_of=8, device="cuda", atol=1e-4)
+
+
+def _causal_attention(q, k, v, softmax_scale, causal):
+    """``(batch, L, heads, dim)`` attention, as flash-attn lays it out."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        scale=softmax_scale,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)
+
+
+def _reference_flash_functions(calls: list[str]):
+    """Pure-torch stand-ins for flash-attn's ``flash_attn_func`` / ``flash_attn_varlen_func`` (same signatures)."""
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, **_):
+        calls.append("dense")
+        return _causal_attention(q, k, v, softmax_scale, causal)
+
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q=None,
+        max_seqlen_k=None,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        **_,
+    ):
+        calls.append("varlen")
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and isinstance(max_seqlen_q, int)
+        bounds = cu_seqlens_q.tolist()
+        segments = [
+            _causal_attention(q[None, s:e], k[None, s:e], v[None, s:e], softmax_scale, causal)[0]
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return torch.cat(segments)
+
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def test_flash_attention_dispatch_uses_cu_seq_lens(examples, monkeypatch) -> None:
+    """transformers' real flash-attn dispatch (``_flash_attention_forward``) with a torch kernel, on CPU.
+
+    It checks what the GPU test cannot without flash-attn installed: with a batch of 2 packed rows the
+    collator's ``cu_seq_lens_*`` reach the kernel and select the varlen path (transformers only infers
+    boundaries from ``position_ids`` for batch size 1).
+    """
+    fa_utils = pytest.importorskip("transformers.modeling_flash_attention_utils")
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not hasattr(fa_utils, "lazy_import_flash_attention") or not hasattr(
+        fa_utils, "_lazy_define_process_function"
+    ):
+        pytest.skip("this transformers version loads flash-attn differently")
+    calls: list[str] = []
+    dense, varlen = _reference_flash_functions(calls)
+    kernels = (
+        (dense, varlen, None, fa_utils._pad_input, fa_utils._unpad_input),
+        (fa_utils._lazy_define_process_function(varlen), dict),
+    )
+    monkeypatch.setattr(fa_utils, "lazy_import_flash_attention", lambda *args, **kwargs: kernels)
+    monkeypatch.setitem(
+        ALL_ATTENTION_FUNCTIONS._global_mapping, "axlora_test_varlen", flash_attention_forward
+    )
+    monkeypatch.setitem(
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "axlora_test_varlen", flash_attention_mask
+    )
+
+    check_packed_equals_alone(tiny_llama("axlora_test_varlen"), examples, 8, "cpu", atol=1e-5)
+    assert calls.count("varlen") == 2  # the packed batch: one call per layer, all varlen
+    assert set(calls[2:]) == {"dense"}  # each sample alone: plain causal

@@ -101,7 +101,7 @@ def train_tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from axlora.data.formats import ALPACA_PROMPT_WITH_INPUT, ALPACA_PROMPT_NO_INPUT
+    from axlora.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
 
     specials = ["<unk>", "<s>", "</s>", "<pad>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

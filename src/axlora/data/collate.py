@@ -41,8 +41,13 @@ Calling the model with a packed batch (use :func:`model_inputs`)::
 
 ``use_cache=False`` is REQUIRED: Llama-style configs default to ``use_cache=True``, which makes the
 model create a ``DynamicCache`` before building the mask, and a cache switches packing detection
-off (silent cross-sample attention; gradient checkpointing hides this by forcing the cache off).
-The ``cu_seq_lens_*``/``max_length_*`` kwargs are read only by flash-attn and ignored by the others.
+off (silent cross-sample attention; gradient checkpointing in training mode happens to force the
+cache off too). The ``cu_seq_lens_*``/``max_length_*`` kwargs are read only by flash-attn and
+ignored by the others.
+
+Cost: sdpa and eager materialise the ``(batch, 1, L, L)`` mask (16 MiB per 4096-token row as bool,
+4x that as eager's float bias), and a custom mask keeps torch's SDPA off its flash kernel (it uses
+the memory-efficient kernel instead). For long rows on GPU prefer ``flash_attention_2``.
 
 Labels follow the usual causal shift (``logits[:, :-1]`` against ``labels[:, 1:]``); the collator
 re-applies ``labels = -100`` wherever ``position_ids == 0`` so no sample's first token is predicted
@@ -128,6 +133,11 @@ def _row_lengths(rows: Sequence[Row]) -> list[int]:
     return lengths
 
 
+def _pad_id(pad_token_id: int | None) -> int:
+    """Pad tokens are never attended to nor scored, so any id works; tokenizers without a pad token give None."""
+    return 0 if pad_token_id is None else pad_token_id
+
+
 def _fill(rows: Sequence[Row], key: str, length: int, pad_value: int) -> torch.Tensor:
     """``(len(rows), length)`` int64 tensor of ``row[key]``, right-padded with ``pad_value``."""
     out = torch.full((len(rows), length), pad_value, dtype=torch.long)
@@ -145,7 +155,7 @@ class PaddedCollator:
     ``attention_mask`` given, transformers does not look for packing, so pad positions are harmless.
     """
 
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     pad_to_multiple_of: int | None = None
     sequence_len: int | None = None
     pad_to_sequence_len: bool = False
@@ -157,7 +167,7 @@ class PaddedCollator:
         labels = _fill(rows, "labels", length, IGNORE_INDEX)
         attention_mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
         return {
-            "input_ids": _fill(rows, "input_ids", length, self.pad_token_id),
+            "input_ids": _fill(rows, "input_ids", length, _pad_id(self.pad_token_id)),
             "labels": labels,
             "attention_mask": attention_mask,
             "position_ids": torch.arange(length).expand(len(rows), length).clone(),
@@ -210,7 +220,7 @@ class PackedCollator:
     (int). There is deliberately no ``attention_mask``: see the module docstring.
     """
 
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     pad_to_multiple_of: int | None = None
     sequence_len: int | None = None
     pad_to_sequence_len: bool = False
@@ -224,7 +234,7 @@ class PackedCollator:
         labels = _fill(rows, "labels", length, IGNORE_INDEX)
         labels[position_ids == 0] = IGNORE_INDEX  # sample boundaries (and pad tails) are never targets
         return {
-            "input_ids": _fill(rows, "input_ids", length, self.pad_token_id),
+            "input_ids": _fill(rows, "input_ids", length, _pad_id(self.pad_token_id)),
             "labels": labels,
             "position_ids": position_ids,
             **varlen_kwargs(position_ids),

@@ -175,9 +175,9 @@ def _attach_lora(entries: dict[str, OutputTensor], base: BaseModel, adapter: Ada
         if shape != flipped:
             raise UserError(f"{adapter.weights}: embedding LoRA for {lora.module!r} expects a weight of shape "
                             f"{list(flipped)}, but base tensor {entry.name!r} has shape {list(shape)}")
-        entry.transposed = False
+        entry.transposed = True
     else:
-        entry.transposed = False
+        entry.transposed = shape == flipped and (shape != normal or adapter.fan_in_fan_out)
     if lora.magnitude is not None and lora.magnitude.shape != (out_features,):
         raise UserError(f"{adapter.weights}: DoRA magnitude of {lora.module!r} has shape "
                         f"{list(lora.magnitude.shape)}, expected [{out_features}]")

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny local Llama with its tokenizer, generated alpaca data, and config files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Built-in models are built into a per-session cache, never the user's."""
+    os.environ["AXLORA_CACHE"] = str(tmp_path_factory.mktemp("axlora-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama with the demo tokenizer: fast enough for end-to-end runs."""
+    from axlora.demo import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny", hidden_size=32, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> Path:
+    from axlora.demo import addition_rows, write_jsonl
+
+    path = tmp_path_factory.mktemp("data") / "addition.jsonl"
+    write_jsonl(addition_rows(96, seed=3), path)
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir, alpaca_file):
+    """Write a YAML config for the tiny model; keyword arguments override the defaults."""
+
+    def make(name: str = "config.yml", **overrides) -> Path:
+        data = {
+            "base_model": str(tiny_model_dir),
+            "datasets": [{"path": str(alpaca_file), "type": "alpaca"}],
+            "sequence_len": 96,
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "lora_target_linear": True,
+            "micro_batch_size": 4,
+            "max_steps": 4,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "output_dir": str(tmp_path / "out"),
+        }
+        data.update(overrides)
+        data = {k: v for k, v in data.items() if v is not None}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real ``axlora`` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "axlora", *args], capture_output=True, text=True, cwd=cwd or REPO,
+        timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
