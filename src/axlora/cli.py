@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from axlora import __version__
-from axlora.errors import UserError
+from axlora.errors import RunFailed, UserError
 
 EXAMPLES = {
     "train": """examples:
@@ -129,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args, overrides)
     except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -18,3 +18,9 @@ class ConfigError(UserError):
         lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''} in the config:"]
         lines += [f"  - {p}" for p in problems]
         super().__init__("\n".join(lines))
+
+
+class RunFailed(Exception):
+    """The work itself failed a check (not bad input): one clear message, exit status 1, no traceback."""
+
+    exit_code = 1
