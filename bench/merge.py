@@ -8,8 +8,9 @@ peaks do not mix:
   (b) ``AutoModelForCausalLM.from_pretrained`` + ``PeftModel.from_pretrained`` + ``merge_and_unload()`` +
       ``save_pretrained``
 
-Peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` read inside each child at the end (it includes the
-interpreter and torch import); wall time is measured around the work inside the child and for the whole child.
+Peak RSS is the child's own high-water mark (VmHWM from /proc/self/status, read inside each child at the end;
+it includes the interpreter and the torch import); wall time is measured around the work inside the child and
+for the whole child.
 Finally both outputs are compared tensor by tensor (largest absolute difference).
 
     python bench/merge.py --workdir /tmp/axlora-bench-merge [--json figures.json] [--keep]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -37,7 +39,18 @@ OUTPUT_SHARD = 2 * 1024**3
 
 
 def _peak_rss_bytes() -> int:
-    """ru_maxrss is in KiB on Linux (bytes on macOS)."""
+    """Peak RSS of this process image: VmHWM where /proc exists, else ru_maxrss.
+
+    On Linux ``getrusage(RUSAGE_SELF).ru_maxrss`` survives ``exec``: a child started by a parent holding
+    500 MB reports at least 500 MB even if it never uses that much. VmHWM belongs to the current address space
+    only, so it measures the child alone. (The parent also stays small: generation runs in its own child.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -105,6 +118,16 @@ def generate_adapter(directory: Path, s: dict[str, int]) -> int:
         tensors[f"{module}.lora_B.weight"] = torch.randn(out_f, RANK, generator=gen) * 0.01
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     return sum(t.numel() for t in tensors.values())
+
+
+def child_generate(base: Path, adapter: Path, size: Path) -> dict[str, float]:
+    """Generate the model (unless already there, e.g. with --keep) and the adapter, in a child of its own."""
+    shape = SMALL_SHAPE if str(size) == "small" else SHAPE
+    if (base / "model.safetensors.index.json").exists():
+        params = sum(math.prod(s) for _, s in _tensor_shapes(shape))
+    else:
+        params = generate_base(base, shape)
+    return {"params": params, "adapter_params": generate_adapter(adapter, shape), "peak_rss": _peak_rss_bytes()}
 
 
 def child_ours(base: Path, adapter: Path, out: Path) -> dict[str, float]:
@@ -175,7 +198,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, base, adapter, out = args.child
-        fn = {"ours": child_ours, "naive": child_naive, "compare": lambda b, _a, o: compare_outputs(b, o)}[kind]
+        fn = {"ours": child_ours, "naive": child_naive, "compare": lambda b, _a, o: compare_outputs(b, o),
+              "generate": child_generate}[kind]
         print(json.dumps(fn(Path(base), Path(adapter), Path(out))))
         return
 
@@ -183,19 +207,18 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="axlora-bench-merge-"))
     base, adapter = work / "base", work / "adapter"
     ours_out, naive_out = work / "merged-axlora", work / "merged-naive"
-    t0 = time.monotonic()
-    if not (base / "model.safetensors.index.json").exists():
-        params = generate_base(base, shape)
-    else:
-        params = sum(math.prod(s) for _, s in _tensor_shapes(shape))
-    adapter_params = generate_adapter(adapter, shape)
+    gen = _run_child("generate", base, adapter, Path("small" if args.small else "full"))
+    params, adapter_params = gen["params"], gen["adapter_params"]
     print(f"base: {params / 1e6:.1f}M params, {_dir_size(base) / 1e9:.2f} GB fp32 in "
           f"{len(list(base.glob('*.safetensors')))} shards; adapter: all-linear r={RANK}, "
-          f"{adapter_params / 1e6:.1f}M params (generated in {time.monotonic() - t0:.0f}s)")
+          f"{adapter_params / 1e6:.1f}M params (generated in {gen['process_seconds']:.0f}s, "
+          f"generator peak RSS {gen['peak_rss'] / 2**30:.2f} GiB)")
     for d in (ours_out, naive_out):
         shutil.rmtree(d, ignore_errors=True)
+    load_before = os.getloadavg()
     naive = _run_child("naive", base, adapter, naive_out)
     ours = _run_child("ours", base, adapter, ours_out)
+    load_after = os.getloadavg()
     diff = _run_child("compare", ours_out, adapter, naive_out)
     ratio = ours["peak_rss"] / naive["peak_rss"]
 
@@ -207,8 +230,11 @@ def main() -> None:
     print(f"merged modules: axlora {ours['merged_modules']}, naive {naive['merged_modules']}; "
           f"largest verify error {ours['max_verify_error']:.2e}")
     print(f"outputs agree: {diff['tensors']} tensors, largest absolute difference {diff['max_abs_diff']:.2e}")
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before[0]:.1f} before / "
+          f"{load_after[0]:.1f} after the timed runs (other work on the machine slows both methods)")
     figures = {"shape": shape, "params": params, "adapter_params": adapter_params, "rank": RANK,
-               "base_bytes": _dir_size(base), "ours": ours, "naive": naive, "ratio": ratio, "compare": diff}
+               "base_bytes": _dir_size(base), "ours": ours, "naive": naive, "ratio": ratio, "compare": diff,
+               "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after}
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     if not args.keep:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from axlora.errors import UserError
@@ -32,6 +33,15 @@ def _save_base(config, path: Path, dtype: torch.dtype = torch.float32) -> Path:
     model.save_pretrained(path, max_shard_size="60KB")
     (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: thread-pool synchronisation costs more than it saves, badly so on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +199,9 @@ def test_bfloat16_output_and_default_keeps_base_dtype(base, tmp_path):
     assert {t.dtype for t in _tensors(tmp_path / "bf16").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert report.dtype == "bfloat16" and 0 < report.max_verify_error < 1e-2
+    report = merge_lora(base, adapter, tmp_path / "fp16", dtype="float16", log=lambda _: None)
+    assert {t.dtype for t in _tensors(tmp_path / "fp16").values()} == {torch.float16}
+    assert 0 < report.max_verify_error < 2e-3
 
     bf16_base = tmp_path / "bf16_base"
     AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(bf16_base)
@@ -208,6 +221,17 @@ def test_verification_catches_a_wrong_delta(base, tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(merge_ops, "add_lora_delta", slightly_wrong)
     with pytest.raises(MergeVerificationError, match="verification failed"):
         merge_lora(base, adapter, tmp_path / "merged", dtype=dtype, log=lambda _: None)
+    assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
+
+
+def test_nan_in_adapter_is_refused(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.self_attn.q_proj.lora_B.weight"))
+    weights[key][3, 1] = float("nan")
+    save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeVerificationError, match="layers.1.self_attn.q_proj.weight: contains NaN"):
+        merge_lora(base, adapter, tmp_path / "merged", verify=False, log=lambda _: None)
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
 
 

@@ -35,25 +35,28 @@ EXAMPLES = {
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
     from axlora.config.load import load_config
 
     config = load_config(args.config, overrides)
-    from axlora.train.loop import run_training
+    from axlora.launch import train
 
-    run_training(config)
-    return 0
+    return train(config, Path(args.config), overrides)
 
 
 def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.config.load import load_config
 
     config = load_config(args.config, overrides)
-    from axlora.data.prepare import prepare_data
+    from axlora.data.prepare import check_datasets, prepare_data
+
+    check_datasets(config)  # a missing or unreadable data file fails before the tokenizer loads
     from axlora.model.load import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer))
-    print(json.dumps(prepared.report, indent=2))
+    print(f"data: report {prepared.cache_dir / 'report.json'}, length histogram {prepared.cache_dir / 'lengths.png'}")
     return 0
 
 

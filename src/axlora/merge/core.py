@@ -120,21 +120,20 @@ def merge_lora(
     writes bounded output shards, the index, config, generation config and tokenizer files into a temporary
     sibling of ``output_dir``, then renames it into place. With ``verify`` each merged weight is checked against
     base + adapter on random probe vectors; any failure raises and leaves no output. ``dtype`` (float32, bfloat16,
-    float16) overrides the floating tensors' dtype, which otherwise stays the base's own.
+    float16) overrides the floating tensors' dtype, which otherwise stays the base's own. ``tolerance`` is the
+    largest relative probe error accepted in the output dtype (default 1e-4 fp32, 1e-2 bf16, 2e-3 fp16); before
+    the cast every weight must also match within 1e-4 in fp32.
     """
     started = time.monotonic()
     out_dtype = parse_dtype(dtype)
-    if max_shard_size <= 0:
-        raise UserError(f"max_shard_size {max_shard_size}: expected a positive number of bytes")
-    if tolerance is not None and not tolerance > 0:
-        raise UserError(f"tolerance {tolerance}: expected a positive number")
+    _check_numbers(max_shard_size, tolerance)
     adapter_dir, output_dir = Path(adapter_dir).expanduser(), Path(output_dir).expanduser()
     base_dir = resolve_base_dir(base_model, log)
     inputs = {"base model": base_dir, "adapter": adapter_dir}
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir).expanduser()
         inputs["tokenizer"] = tokenizer_dir
-    check_output_dir(output_dir, inputs)
+    check_output_dir(output_dir, inputs)  # refuse before minutes of work, and again at publish
     base = load_base(base_dir)
     adapter = load_adapter(adapter_dir)
     plan = build_plan(base, adapter, out_dtype)
@@ -154,12 +153,21 @@ def merge_lora(
         write_json(tmp / MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
         publish(tmp, output_dir, inputs)
     seconds = time.monotonic() - started
-    if verify:
+    if not verify:
+        log("verification skipped (verify=False)")
+    else:
         log(f"verified {verifier.checked} merged weights: largest relative error {verifier.worst_out:.3g} as "
             f"{report.dtype} ({verifier.worst_name or 'none'}), {verifier.worst_fp32:.3g} in fp32 before the cast, "
             f"largest absolute error {verifier.worst_abs:.3g}")
     log(f"wrote {output_dir} ({total_size / 1e9:.2f} GB in {shard_count} shards) in {seconds:.1f}s")
     return replace(report, seconds=seconds)
+
+
+def _check_numbers(max_shard_size: int, tolerance: float | None) -> None:
+    if max_shard_size <= 0:
+        raise UserError(f"max_shard_size {max_shard_size}: expected a positive number of bytes")
+    if tolerance is not None and not tolerance > 0:
+        raise UserError(f"tolerance {tolerance}: expected a positive number")
 
 
 def _tokenizer_sources(tokenizer_dir: Path | None, base_dir: Path) -> list[Path]:
@@ -211,19 +219,22 @@ def _write_tensor(entry: OutputTensor, writer: ShardWriter, ctx: _Context) -> No
     if entry.passthrough:
         ctx.reader_for(entry.source.path).copy_raw(entry.source, writer, entry.name)
         return
-    if entry.replacement is not None:
-        tensor = ctx.adapter_reader.read(entry.replacement)
-    else:
-        tensor = ctx.reader_for(entry.source.path).read(entry.source)
     out_dtype = CODE_TO_TORCH[entry.dtype]
     if entry.lora is not None:
-        tensor = _merge_weight(entry, entry.lora, tensor, out_dtype, ctx)
+        tensor = _merge_weight(entry, entry.lora, out_dtype, ctx)
     elif entry.bias_of is not None:
-        tensor = _merge_bias(entry, entry.bias_of, tensor, out_dtype, ctx)
+        tensor = _merge_bias(entry, entry.bias_of, out_dtype, ctx)
     else:
-        tensor = tensor.to(out_dtype)
-    _require_finite(entry, tensor, out_dtype)
+        tensor = _load(entry, ctx).to(out_dtype)
+    _require_finite(entry, tensor)
     writer.write_tensor(entry.name, tensor)
+
+
+def _load(entry: OutputTensor, ctx: _Context) -> torch.Tensor:
+    """The tensor the output starts from: the adapter's replacement if it has one, else the base tensor."""
+    if entry.replacement is not None:
+        return ctx.adapter_reader.read(entry.replacement)
+    return ctx.reader_for(entry.source.path).read(entry.source)
 
 
 def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -231,10 +242,14 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _merge_weight(entry: OutputTensor, lora: LoraModule, tensor: torch.Tensor, out_dtype: torch.dtype,
-                  ctx: _Context) -> torch.Tensor:
-    """W + scale * B @ A (DoRA-rescaled if needed) in fp32, cast to the output dtype, probe-checked."""
+def _merge_weight(entry: OutputTensor, lora: LoraModule, out_dtype: torch.dtype, ctx: _Context) -> torch.Tensor:
+    """W + scale * B @ A (DoRA-rescaled if needed) in fp32, cast to the output dtype, probe-checked.
+
+    The tensor is loaded here, not by the caller, so the low-precision original is freed as soon as its fp32
+    copy exists (a caller-held reference would keep it alive for the whole merge).
+    """
     assert lora.a is not None and lora.b is not None
+    tensor = _load(entry, ctx)
     work = _work_dtype(tensor)
     weight = tensor.to(work)  # our own freshly read buffer when already fp32: safe to modify in place
     del tensor
@@ -244,40 +259,42 @@ def _merge_weight(entry: OutputTensor, lora: LoraModule, tensor: torch.Tensor, o
     verify = ctx.verifier.enabled
     if verify:
         x = ops.probe_columns(entry.name, matrix.shape[1], work)
-        base_out = matrix @ x
+        base_out = ops.matmul_fp32(matrix, x)
     ops.add_lora_delta(matrix, lora_a, lora_b, lora.scale)
     factor = None
     if lora.magnitude is not None:
         factor = ops.apply_dora(matrix, ctx.adapter_reader.read(lora.magnitude).to(work))
-    _require_finite(entry, weight, work)
     out = weight.to(out_dtype)
     if verify:
         reference = ops.reference_output(base_out, x, lora_a, lora_b, lora.scale)
         if factor is not None:
             reference = reference * factor.unsqueeze(1)
-        err_fp32 = ops.compare(matrix @ x, reference)
+        err_fp32 = ops.compare(ops.matmul_fp32(matrix, x), reference)
         err_out = err_fp32 if out is weight else ops.compare(
             ops.matmul_fp32(ops.matrix_view(out, entry.transposed), x), reference)
         ctx.verifier.check(entry.name, err_fp32, err_out, out_dtype)
     return out
 
 
-def _merge_bias(entry: OutputTensor, lora: LoraModule, tensor: torch.Tensor, out_dtype: torch.dtype,
-                ctx: _Context) -> torch.Tensor:
+def _merge_bias(entry: OutputTensor, lora: LoraModule, out_dtype: torch.dtype, ctx: _Context) -> torch.Tensor:
     """lora_bias: the base bias plus scale * lora_B.bias, like peft's merge."""
     assert lora.bias is not None
+    tensor = _load(entry, ctx)
     work = _work_dtype(tensor)
     bias = tensor.to(work)
     bias.add_(ctx.adapter_reader.read(lora.bias).to(work), alpha=lora.scale)
     return bias.to(out_dtype)
 
 
-def _require_finite(entry: OutputTensor, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """NaN/inf in a merged or cast tensor means a broken adapter or an fp16 overflow: never write it."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+def _require_finite(entry: OutputTensor, tensor: torch.Tensor) -> None:
+    """NaN/inf in a written tensor means a broken adapter or an fp16 overflow: never publish it.
+
+    Checked on every tensor that is computed (not raw-copied), after the cast, so overflow is caught too.
+    """
+    if not ops.all_finite(tensor):
         raise MergeVerificationError(
-            f"{entry.name}: contains NaN or inf as {_dtype_name(dtype)} (a broken adapter, or values out of range for "
-            "this dtype); nothing was written")
+            f"{entry.name}: contains NaN or inf as {_dtype_name(tensor.dtype)} (a broken adapter, or values out of "
+            "range for this dtype); nothing was written")
 
 
 def _write_side_files(plan: MergePlan, base: BaseModel, tmp: Path, tokenizer_sources: list[Path]) -> None:

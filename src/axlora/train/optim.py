@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 from axlora.config.schema import Config
 from axlora.errors import UserError
 
 
 def resolve_optimizer(config: Config):
-    """The optimizer class and keyword arguments ``config.optimizer`` names, as the Trainer maps them.
-
-    Call this before creating the ``Accelerator``: building ``TrainingArguments`` resets accelerate's
-    process state.
-    """
+    """The optimizer class and keyword arguments ``config.optimizer`` names, as the Trainer maps them."""
     from transformers import Trainer, TrainingArguments
     from transformers.training_args import OptimizerNames
 
@@ -22,16 +21,19 @@ def resolve_optimizer(config: Config):
         raise UserError(
             f"optimizer: unknown optimizer '{config.optimizer}'{did_you_mean(config.optimizer, known)}"
         )
-    args = TrainingArguments(
-        output_dir=config.output_dir,
-        optim=config.optimizer,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        adam_beta1=config.adam_beta1,
-        adam_beta2=config.adam_beta2,
-        adam_epsilon=config.adam_epsilon,
-        report_to=[],
-    )
+    # Trainer's mapping reads only plain attributes of its arguments. A real TrainingArguments would set up
+    # torch.distributed by itself and reset accelerate's process state, so hand it the field defaults.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = SimpleNamespace(**{
+        **defaults,
+        "output_dir": config.output_dir,
+        "optim": OptimizerNames(config.optimizer),
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "adam_beta1": config.adam_beta1,
+        "adam_beta2": config.adam_beta2,
+        "adam_epsilon": config.adam_epsilon,
+    })
     try:
         return Trainer.get_optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as exc:

@@ -1,0 +1,119 @@
+"""Run training in this process, or re-execute ``axlora train`` under ``accelerate launch``.
+
+More than one process (``num_processes`` > 1 or ``num_machines`` > 1) makes the launching process
+prepare the dataset once, then start the workers, which find it in the cache: preparing once per rank
+wastes CPU and, on large datasets, makes the ranks that finish first time out waiting for the others.
+Under an existing launcher (accelerate, torchrun, SLURM with torchrun) the run happens in-process as is.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from axlora.config.schema import Config
+from axlora.errors import UserError
+
+_LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_PROCESS_ID")
+
+
+def under_launcher() -> bool:
+    """True inside a worker started by accelerate, torchrun or a compatible launcher."""
+    return any(name in os.environ for name in _LAUNCHER_ENV)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    num_processes: int
+    num_machines: int
+    machine_rank: int
+    main_process_ip: str | None
+    main_process_port: int
+    use_gpus: bool
+
+    @property
+    def world_size(self) -> int:
+        return self.num_processes * self.num_machines
+
+
+def plan_launch(config: Config) -> LaunchPlan:
+    """Process layout from the config and the GPUs present; bad settings fail here, before any worker."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_processes = config.num_processes or max(gpus, 1)
+    if gpus and num_processes > gpus:
+        raise UserError(
+            f"num_processes: {num_processes} processes asked for, but this machine has {gpus} GPU(s); "
+            f"set num_processes to at most {gpus}."
+        )
+    if config.num_machines > 1 and not config.main_process_ip:
+        raise UserError("main_process_ip: a multi-machine run (num_machines > 1) needs the rank-0 machine's address.")
+    if config.machine_rank >= config.num_machines:
+        raise UserError(
+            f"machine_rank: {config.machine_rank} is out of range for num_machines {config.num_machines} "
+            f"(ranks are 0..{config.num_machines - 1})."
+        )
+    return LaunchPlan(
+        num_processes=num_processes,
+        num_machines=config.num_machines,
+        machine_rank=config.machine_rank,
+        main_process_ip=config.main_process_ip,
+        main_process_port=config.main_process_port,
+        use_gpus=gpus > 0,
+    )
+
+
+def accelerate_command(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
+    """``accelerate launch`` arguments re-running this same ``axlora train`` in every worker.
+
+    ``--multi_gpu`` also drives several CPU processes (accelerate then uses gloo); ``--cpu`` would start
+    only one.
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(plan.world_size),
+        "--num_machines", str(plan.num_machines),
+        "--machine_rank", str(plan.machine_rank),
+        "--main_process_port", str(plan.main_process_port),
+        "--mixed_precision", "no",  # the run chooses its precision itself (bf16/fp16 keys)
+        "--dynamo_backend", "no",
+        "--multi_gpu",
+    ]
+    if plan.main_process_ip:
+        command += ["--main_process_ip", plan.main_process_ip]
+    return [*command, "-m", "axlora", "train", str(config_path), *overrides]
+
+
+def train(config: Config, config_path: Path, overrides: list[str], log=print) -> int:
+    """Train in-process, or prepare the data once and launch the workers; returns the exit status."""
+    if under_launcher():
+        from axlora.train.loop import run_training
+
+        run_training(config)
+        return 0
+    plan = plan_launch(config)
+    if plan.world_size == 1:
+        from axlora.train.loop import run_training
+
+        run_training(config)
+        return 0
+    if plan.machine_rank == 0:
+        prepare_once(config, log)
+    command = accelerate_command(plan, config_path, overrides)
+    log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
+        + shlex.join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+def prepare_once(config: Config, log=print) -> None:
+    """Tokenize and cache the datasets here, so the workers only read the cache."""
+    from axlora.data.prepare import prepare_data
+    from axlora.model.load import load_tokenizer, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(config)
+    prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), log)

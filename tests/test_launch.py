@@ -1,0 +1,58 @@
+"""Launching: several CPU processes (gloo) through `axlora train`, equivalent to one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def test_two_processes_train_the_same_model_as_one(make_config, tmp_path):
+    common = {"lora_dropout": 0.0, "max_steps": 3, "gradient_accumulation_steps": 2, "seed": 7}
+    single = make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common)
+    double = make_config("two.yml", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "two"), **common)
+    result_one = run_cli("train", str(single))
+    assert result_one.returncode == 0, result_one.stderr
+    result_two = run_cli("train", str(double))
+    assert result_two.returncode == 0, result_two.stdout + result_two.stderr
+    assert "launch: 2 processes" in result_two.stdout and "accelerate.commands.launch" in result_two.stdout
+    # the data was prepared once, by the launcher: both workers report a cache hit
+    assert result_two.stdout.count("data: prepared") == 1
+
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+    summary = json.loads((tmp_path / "two" / "final" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    # only the main process writes logs: one row per logged step
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_machines": 2}, "main_process_ip"),
+        ({"num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"}, "machine_rank"),
+        ({"fsdp": ["full_shard"]}, "fsdp"),
+    ],
+)
+def test_bad_hardware_settings_exit_2_before_any_worker(make_config, overrides, message):
+    result = run_cli("train", str(make_config(**overrides)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "launch:" not in result.stdout
