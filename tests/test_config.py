@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
 
 from axlora.config.load import load_config
 from axlora.config.schema import json_schema
 from axlora.errors import ConfigError, UserError
+
+from conftest import REPO, run_cli
 
 BASE = """\
 base_model: /models/x

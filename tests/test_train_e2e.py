@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import yaml
+
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -7,36 +7,72 @@ so a user fixes a config in one pass instead of one error per run.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from axlora.config import axolotl
 from axlora.config.schema import Config, DatasetConfig
 from axlora.errors import ConfigError, UserError
 
 KeyPath = tuple[str | int, ...]
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read, override, validate and resolve a config file; raise ``ConfigError`` listing every problem."""
+def _print_note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = _print_note
+) -> Config:
+    """Read, override, validate and resolve a config file; raise ``ConfigError`` listing every problem.
+
+    Axolotl keys that are not axlora settings go through ``config.axolotl`` first: renamed ones are
+    renamed, ones with no effect are dropped with a note passed to ``log``, unsupported ones are problems.
+    """
     path = Path(path)
+    source = str(path)
     text = _read_text(path)
-    data, lines = _parse_yaml(text, str(path))
+    data, lines = _parse_yaml(text, source)
     override_values, override_problems = parse_overrides(overrides)
+    problems = override_problems + _blank_adapter_problems(data, override_values, lines, source)
     data.update(override_values)
     for key in override_values:
         lines[(key,)] = -1  # -1 marks "from the command line"
-    problems = override_problems + _unknown_key_problems(data, lines, str(path))
+    translation = axolotl.translate(data, set(Config.model_fields))
+    _carry_lines(lines, translation.renamed)
+    problems += [_where(lines, (key,), source) + message for key, message in translation.problems]
+    problems += _unknown_key_problems(translation.data, lines, source)
     if problems:
-        raise ConfigError(str(path), problems)
+        raise ConfigError(source, problems)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(translation.data)
     except ValidationError as exc:
-        raise ConfigError(str(path), _describe_validation_errors(exc, lines, str(path))) from None
+        raise ConfigError(source, _describe_validation_errors(exc, lines, source)) from None
+    for key, message in translation.notes:
+        log(f"note: {_where(lines, (key,), source)}{message}")
     return resolve_paths(config, config_dir=path.resolve().parent)
+
+
+def _blank_adapter_problems(
+    data: dict[str, Any], overrides: dict[str, Any], lines: dict[KeyPath, int], source: str
+) -> list[str]:
+    """In Axolotl an empty ``adapter:`` means full fine-tuning: refuse it rather than train a LoRA silently."""
+    if ("adapter",) in lines and "adapter" not in data and "adapter" not in overrides:
+        return [_where(lines, ("adapter",), source) + "adapter: empty means full fine-tuning in Axolotl; axlora "
+                "trains adapters only: set adapter: lora (or qlora)."]
+    return []
+
+
+def _carry_lines(lines: dict[KeyPath, int], renamed: dict[str, str]) -> None:
+    """Renamed keys keep pointing at the line where the user wrote them."""
+    for old, new in renamed.items():
+        for key_path in [k for k in lines if k and k[0] == old]:
+            lines[(new, *key_path[1:])] = lines[key_path]
 
 
 def _read_text(path: Path) -> str:
@@ -125,9 +161,10 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
 def _unknown_key_problems(data: dict[str, Any], lines: dict[KeyPath, int], source: str) -> list[str]:
     problems = []
     known = set(Config.model_fields)
+    suggestions = known | set(axolotl.NO_OP) | set(axolotl.RENAMED)
     for key in data:
         if key not in known:
-            problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, known)}")
+            problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, suggestions)}")
     dataset_keys = set(DatasetConfig.model_fields)
     for index, entry in enumerate(data.get("datasets") or []):
         if isinstance(entry, dict):
@@ -174,7 +211,8 @@ def _describe_validation_errors(exc: ValidationError, lines: dict[KeyPath, int],
             problems.append(_where(lines, loc, source) + f"{dotted}: required key is missing.")
             continue
         got = error.get("input")
-        problems.append(_where(lines, loc, source) + f"{dotted}: {error['msg']} (got {got!r}).")
+        message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
+        problems.append(_where(lines, loc, source) + f"{dotted}: {message} (got {got!r}).")
     return _dedupe(problems)
 
 
@@ -220,6 +258,8 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
         if value is not None:
             updates[key] = _resolve_local(value, config_dir, must_be_local=key != "base_model"
                                           and key != "tokenizer_config")
+    if config.chat_template_jinja and looks_like_template_file(config.chat_template_jinja):
+        updates["chat_template_jinja"] = _resolve_local(config.chat_template_jinja, config_dir, must_be_local=True)
     if config.resume_from_checkpoint not in (None, "auto"):
         updates["resume_from_checkpoint"] = _resolve_local(config.resume_from_checkpoint, config_dir, True)
     datasets = [
@@ -228,6 +268,11 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
     ]
     updates["datasets"] = datasets
     return config.model_copy(update=updates)
+
+
+def looks_like_template_file(value: str) -> bool:
+    """``chat_template_jinja`` holds the template itself, or (as in Axolotl) the path of a .jinja file."""
+    return "\n" not in value and "{" not in value and value.endswith((".jinja", ".j2"))
 
 
 def _resolve_local(value: str, config_dir: Path, must_be_local: bool) -> str:

@@ -1,14 +1,31 @@
-"""Row formats: how one dataset row becomes prompt and completion text segments.
+"""Row formats (a dataset's ``type``): how one row becomes text segments, and the tokenizer settings it needs.
 
-A format returns a list of ``Segment``s; ``tokenize`` turns each segment into tokens and masks the labels
-of the segments that are not trainable. Keeping formats text-only makes them easy to add and to test.
+========================  ==========================================================  ======  ======
+type                      row                                                         BOS     EOS
+========================  ==========================================================  ======  ======
+alpaca                    instruction, input (optional), output                       model   added
+completion                ``field`` (default ``text``): trained whole                 model   added
+input_output              segments: [{text, label}], label true = trained             no      no
+chat_template / sharegpt  messages rendered by a chat template (see ``chat.py``)      template
+(empty)                   pre-tokenized: input_ids, labels (optional), attention_mask  as given
+========================  ==========================================================  ======  ======
+
+"model": BOS is prepended when the tokenizer's own encoding starts with it (Llama does, Qwen does not).
+``train_on_inputs`` trains every token of a sample except BOS, whatever its format says.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from axlora.config.schema import Config, DatasetConfig
+from axlora.data.chat import DEFAULT_ROLES, chat_format
+from axlora.data.chat_templates import TemplateChoiceError, choose_template
+from axlora.data.segments import PromptEntry, Row, RowFormat, RowFormatError, Segment, required_text
+from axlora.errors import UserError
+
+__all__ = ["FORMATS", "RowFormatError", "Segment", "alpaca", "alpaca_prompt", "build_format", "build_formats"]
 
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -22,35 +39,10 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-@dataclass(frozen=True)
-class Segment:
-    """A piece of a sample's text; ``trainable`` segments keep their labels, the others are masked."""
-
-    text: str
-    trainable: bool
-
-
-class RowFormatError(ValueError):
-    """A row lacks what its format needs; ``prepare`` adds the file and row index."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(message)
-
-
-def _required_text(row: Mapping[str, Any], field: str) -> str:
-    value = row.get(field)
-    if value is None:
-        raise RowFormatError(field, f"missing field '{field}'")
-    if not isinstance(value, str):
-        raise RowFormatError(field, f"field '{field}' must be text, got {type(value).__name__}")
-    return value
-
-
-def alpaca(row: Mapping[str, Any]) -> list[Segment]:
+def alpaca(row: Row) -> list[Segment]:
     """Alpaca: ``instruction`` (+ optional ``input``) is the prompt, ``output`` the completion."""
-    instruction = _required_text(row, "instruction")
-    output = _required_text(row, "output")
+    instruction = required_text(row, "instruction")
+    output = required_text(row, "output")
     extra = row.get("input") or ""
     if not isinstance(extra, str):
         raise RowFormatError("input", f"field 'input' must be text, got {type(extra).__name__}")
@@ -66,4 +58,130 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return alpaca({"instruction": instruction, "input": input_text, "output": ""})[0].text
 
 
-FORMATS: dict[str, Callable[[Mapping[str, Any]], list[Segment]]] = {"alpaca": alpaca}
+def _alpaca_entry(entry: PromptEntry) -> str:
+    row: dict[str, Any] = {"instruction": entry} if isinstance(entry, str) else dict(entry)
+    row.setdefault("output", "")
+    return alpaca(row)[0].text
+
+
+def completion(field: str) -> Callable[[Row], list[Segment]]:
+    """Completion: the whole text of ``field`` is trained (continued pre-training, plain documents)."""
+
+    def segments(row: Row) -> list[Segment]:
+        return [Segment(required_text(row, field), trainable=True)]
+
+    return segments
+
+
+def input_output(row: Row) -> list[Segment]:
+    """Template-free: ``segments`` of ``{text, label}``, concatenated as written; ``label: false`` is masked."""
+    pieces = row.get("segments")
+    if pieces is None:
+        raise RowFormatError("segments", "missing field 'segments' (a list of {text, label})")
+    if not isinstance(pieces, list) or not pieces:
+        raise RowFormatError("segments", "field 'segments' must be a non-empty list of {text, label}")
+    out = []
+    for index, piece in enumerate(pieces):
+        where = f"segments[{index}]"
+        if not isinstance(piece, Mapping) or not isinstance(piece.get("text"), str):
+            raise RowFormatError(f"{where}.text", f"{where} must be a mapping with a text field 'text'")
+        label = piece.get("label", True)
+        if not isinstance(label, bool):
+            raise RowFormatError(f"{where}.label", f"{where}.label must be true or false, got {label!r}")
+        out.append(Segment(piece["text"], trainable=label))
+    return out
+
+
+def _entry_text(field: str) -> Callable[[PromptEntry], str]:
+    def prompt(entry: PromptEntry) -> str:
+        return entry if isinstance(entry, str) else str(entry.get(field, ""))
+
+    return prompt
+
+
+def _pretokenized_prompt(entry: PromptEntry) -> str:
+    return entry if isinstance(entry, str) else str(entry.get("text", ""))
+
+
+def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowFormat:
+    sharegpt = dataset.type == "sharegpt"
+    setting = dataset.chat_template
+    jinja = dataset.chat_template_jinja
+    if setting is None and jinja is None:
+        setting, jinja = config.chat_template, _top_level_jinja(config)
+    try:
+        template = choose_template(setting, jinja, _tokenizer_template(tokenizer))
+    except TemplateChoiceError as exc:
+        raise UserError(f"datasets[{index}] ({dataset.path}): {exc}.") from None
+    return chat_format(
+        dataset.type or "chat_template",
+        template,
+        tokenizer,
+        field_messages=dataset.field_messages or ("conversations" if sharegpt else "messages"),
+        property_mappings=dataset.message_property_mappings
+        or ({"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}),
+        roles=dataset.roles or DEFAULT_ROLES,
+        roles_to_train=dataset.roles_to_train,
+        train_on_eos=dataset.train_on_eos,
+        message_field_training=dataset.message_field_training,
+    )
+
+
+def _top_level_jinja(config: Config) -> str | None:
+    value = getattr(config, "chat_template_jinja", None)
+    if value is None:
+        return None
+    from axlora.model.load import chat_template_text  # reads a .jinja file when the key names one
+
+    return chat_template_text(config)
+
+
+def _tokenizer_template(tokenizer) -> str | None:
+    try:
+        return tokenizer.get_chat_template()
+    except (ValueError, AttributeError):
+        return None
+
+
+def _builders() -> dict[str | None, Callable[[DatasetConfig, Config, Any, int], RowFormat]]:
+    from axlora.data.tokenize import tokenizer_adds_bos
+
+    def adds_bos(tokenizer) -> bool:
+        return tokenizer is not None and tokenizer_adds_bos(tokenizer)
+
+    return {
+        "alpaca": lambda d, c, t, i: RowFormat(
+            "alpaca", alpaca, _alpaca_entry, add_bos=adds_bos(t), append_eos=True
+        ),
+        "completion": lambda d, c, t, i: RowFormat(
+            "completion", completion(d.field or "text"), _entry_text(d.field or "text"),
+            add_bos=adds_bos(t), append_eos=True,
+        ),
+        "input_output": lambda d, c, t, i: RowFormat("input_output", input_output, _entry_text("text")),
+        "chat_template": _chat,
+        "sharegpt": _chat,
+        None: lambda d, c, t, i: RowFormat("pre-tokenized", None, _pretokenized_prompt, pretokenized=True),
+    }
+
+
+FORMATS: tuple[str | None, ...] = ("alpaca", "completion", "input_output", "chat_template", "sharegpt", None)
+"""Every ``type`` (None: pre-tokenized rows); the config schema lists the same names."""
+
+
+def build_format(config: Config, index: int, tokenizer) -> RowFormat:
+    """The ``RowFormat`` of ``config.datasets[index]``; chat formats read their template from ``tokenizer``.
+
+    ``tokenizer`` may be None for the text formats when only prompts are wanted (BOS is then not known).
+    """
+    dataset = config.datasets[index]
+    return _builders()[dataset.type](dataset, config, tokenizer, index)
+
+
+def build_formats(config: Config, tokenizer) -> list[RowFormat]:
+    """One ``RowFormat`` per entry of ``datasets``."""
+    return [build_format(config, index, tokenizer) for index in range(len(config.datasets))]
+
+
+def needs_tokenizer(config: Config, index: int = 0) -> bool:
+    """Whether rendering a prompt of this dataset needs the tokenizer (its chat template)."""
+    return config.datasets[index].type in ("chat_template", "sharegpt")

@@ -1,119 +1,187 @@
-"""Load datasets, split validation rows, tokenize, and cache the result keyed by content.
+"""Prepare the training data: read, take, shuffle, cut validation, tokenize, apply the length rule, cache.
 
-The cache key covers the bytes of every local data file, the tokenizer and each setting that changes the
-result, so an edited row or a new ``sequence_len`` re-prepares and nothing else does. The cache directory is
-written to a temporary sibling and renamed into place: a killed preprocess leaves nothing a later run trusts.
+The order is fixed and deterministic given ``seed``: every dataset is read (``split`` slicing and
+``sample`` applied), the rows of all datasets are shuffled together, the validation rows
+(``val_set_size``) are cut off before tokenization, then both parts are tokenized and samples longer
+than ``sequence_len`` are dropped, truncated or refused (``excess_length_strategy``). Samples with no
+token left to train are dropped (their loss would be 0/0). The result is cached by content (``cache.py``):
+an unchanged config and unchanged files reuse it and print "cache hit".
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import random
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axlora.config.schema import Config, DatasetConfig
-from axlora.data.formats import FORMATS, RowFormatError
-from axlora.data.tokenize import tokenize_samples, tokenizer_adds_bos
-from axlora.errors import UserError
+import numpy as np
 
-CACHE_FORMAT_VERSION = "1"
-_LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+from axlora.config.schema import Config
+from axlora.data import cache
+from axlora.data.rows import TokenizedRows
+from axlora.data.segments import RowFormat
+from axlora.data.sources import Source, load_source, local_files
+from axlora.data.tokenize import Entry, RowError
+from axlora.errors import UserError
 
 
 @dataclass
 class PreparedData:
-    """Tokenized train/validation rows (``input_ids``/``labels`` lists) and what preparing did."""
+    """Tokenized train/validation rows and what preparing did.
 
-    train: list[dict[str, list[int]]]
-    val: list[dict[str, list[int]]]
+    ``train`` and ``val`` are sequences of ``{"input_ids": [...], "labels": [...]}`` (``rows.TokenizedRows``).
+    """
+
+    train: TokenizedRows
+    val: TokenizedRows
     fingerprint: str
     report: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
     cache_hit: bool = False
 
 
-def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log=print) -> PreparedData:
-    """Prepared data for ``config``: from the cache when its key matches, else built and cached."""
-    fingerprint = data_fingerprint(config, tokenizer_fingerprint)
-    cache_root = Path(config.dataset_prepared_path or Path(config.output_dir) / "prepared")
-    cache_dir = cache_root / fingerprint
-    if (cache_dir / "report.json").exists():
-        prepared = _read_cache(cache_dir, fingerprint)
-        log(f"data: cache hit {cache_dir} ({len(prepared.train)} train / {len(prepared.val)} val rows)")
-        return prepared
-    prepared = build_prepared(config, tokenizer, fingerprint)
-    _write_cache(prepared, cache_dir)
-    prepared.cache_dir = cache_dir
-    log(f"data: prepared {len(prepared.train)} train / {len(prepared.val)} val rows -> {cache_dir}")
+def check_datasets(config: Config) -> list[list[Path]]:
+    """Fail fast on what needs no tokenizer (paths, file types); returns each dataset's local files."""
+    return [local_files(dataset) for dataset in config.datasets]
+
+
+def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Callable[[str], None] = print) -> PreparedData:
+    """Prepared data for ``config``: from the cache when its fingerprint matches, else built and cached.
+
+    Logs one status line ("cache hit" or "prepared") and the report summary.
+    """
+    from axlora.data.formats import build_formats
+    from axlora.data.report import format_summary
+
+    files = check_datasets(config)
+    formats = build_formats(config, tokenizer)
+    fingerprint = cache.data_fingerprint(config, tokenizer_fingerprint, formats, files)
+    cache_dir = cache.cache_root(config) / fingerprint
+    if cache.is_complete(cache_dir):
+        train, val, report = cache.read_entry(cache_dir)
+        log(f"data: cache hit {cache_dir} ({len(train):,} train / {len(val):,} val rows)")
+        prepared = PreparedData(train, val, fingerprint, report, cache_dir, cache_hit=True)
+    else:
+        started = time.perf_counter()
+        prepared = build_prepared(config, tokenizer, formats, fingerprint)
+        prepared.report["seconds"] = round(time.perf_counter() - started, 3)
+        _write(prepared, cache_dir, config.sequence_len)
+        log(f"data: prepared {len(prepared.train):,} train / {len(prepared.val):,} val rows in "
+            f"{prepared.report['seconds']:.1f} s -> {cache_dir}")
+    for line in format_summary(prepared.report, config.sample_packing):
+        log(f"data: {line}")
     return prepared
 
 
-def data_fingerprint(config: Config, tokenizer_fingerprint: str) -> str:
-    """Hash of everything the prepared rows depend on: file contents, tokenizer and settings."""
-    digest = hashlib.sha256()
-    settings = {
-        "version": CACHE_FORMAT_VERSION,
-        "datasets": [d.model_dump() for d in config.datasets],
-        "sequence_len": config.sequence_len,
-        "train_on_inputs": config.train_on_inputs,
-        "val_set_size": config.val_set_size,
-        "seed": config.seed,
-        "tokenizer": tokenizer_fingerprint,
-    }
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    for dataset in config.datasets:
-        for path in _local_files(dataset):
-            digest.update(str(path.name).encode())
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()[:16]
+def _write(prepared: PreparedData, cache_dir: Path, sequence_len: int) -> None:
+    from axlora.data.report import write_histogram
+
+    lengths = np.asarray(prepared.report.pop("_tokenized_lengths"))
+    cache.write_entry(
+        cache_dir, prepared.train, prepared.val, prepared.report,
+        lambda path: write_histogram(lengths, sequence_len, path),
+    )
+    prepared.cache_dir = cache_dir
 
 
-def _local_files(dataset: DatasetConfig) -> list[Path]:
-    path = Path(dataset.path)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _LOCAL_SUFFIXES)
-    return []
+def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str) -> PreparedData:
+    """Read, take, shuffle, split, tokenize and apply the length rule (no cache involved)."""
+    from axlora.data.report import length_summary, packing_summary, split_summary
+    from axlora.data.workers import encode_in_chunks
 
+    sources = [load_source(dataset, config.seed) for dataset in config.datasets]
+    entries: list[Entry] = [
+        (index, position, row)
+        for index, source in enumerate(sources)
+        for position, row in zip(source.positions, source.rows, strict=True)
+    ]
+    random.Random(config.seed).shuffle(entries)
+    val_count = val_row_count(config.val_set_size, len(entries))
+    parts = {"val": entries[:val_count], "train": entries[val_count:]}
+    if not parts["train"]:
+        raise UserError(f"datasets: no training rows (read {len(entries)}, val_set_size takes {val_count}).")
 
-def build_prepared(config: Config, tokenizer, fingerprint: str) -> PreparedData:
-    """Read every dataset, shuffle with the seed, cut validation rows, then tokenize (in that order)."""
-    import random
+    encoded: dict[str, TokenizedRows] = {}
+    for name, part in parts.items():
+        try:
+            encoded[name] = encode_in_chunks(
+                part, formats, tokenizer, train_on_inputs=config.train_on_inputs, processes=config.dataset_processes
+            )
+        except RowError as exc:
+            raise _located(exc, config, sources) from None
+    tokenized_lengths = np.concatenate([encoded["train"].lengths, encoded["val"].lengths])
+    kept, counts = {}, {}
+    for name, rows in encoded.items():
+        kept[name], counts[name] = apply_length_rule(rows, config, sources, parts[name])
+    if len(kept["train"]) == 0:
+        raise UserError(
+            f"datasets: no training samples left: all {len(parts['train'])} were too long for sequence_len "
+            f"{config.sequence_len} or had no token to train."
+        )
 
-    rows: list[tuple[int, dict[str, Any]]] = []
     per_dataset = []
-    for index, dataset in enumerate(config.datasets):
-        loaded = load_rows(dataset)
-        per_dataset.append({"path": dataset.path, "type": dataset.type, "rows_read": len(loaded)})
-        rows.extend((index, row) for row in loaded)
-    random.Random(config.seed).shuffle(rows)
-    val_count = val_row_count(config.val_set_size, len(rows))
-    val_rows, train_rows = rows[:val_count], rows[val_count:]
-    if not train_rows:
-        raise UserError(f"datasets: no training rows left (read {len(rows)}, val_set_size takes {val_count}).")
-    add_bos = tokenizer_adds_bos(tokenizer)
-    train, train_stats = _tokenize(train_rows, config, tokenizer, add_bos)
-    val, val_stats = _tokenize(val_rows, config, tokenizer, add_bos)
-    for entry, dropped in zip(per_dataset, train_stats["dropped_per_dataset"], strict=True):
-        entry["dropped_too_long"] = dropped
+    for index, (dataset, source) in enumerate(zip(config.datasets, sources, strict=True)):
+        entry = {
+            "path": dataset.path, "type": formats[index].name, "split": dataset.split,
+            "rows_read": source.rows_read, "rows_taken": len(source.rows),
+            "train_rows": int(np.sum(kept["train"].origin == index)),
+            "val_rows": int(np.sum(kept["val"].origin == index)),
+        }
+        for key in ("dropped_too_long", "truncated", "dropped_no_labels"):
+            entry[key] = int(counts["train"][key][index] + counts["val"][key][index])
+        per_dataset.append(entry)
     report = {
         "fingerprint": fingerprint,
-        "datasets": per_dataset,
-        "train_rows": len(train),
-        "val_rows": len(val),
-        "dropped_too_long": train_stats["dropped"] + val_stats["dropped"],
-        "train_tokens": sum(len(r["input_ids"]) for r in train),
-        "train_label_tokens": sum(sum(1 for t in r["labels"] if t != -100) for r in train),
         "sequence_len": config.sequence_len,
+        "excess_length_strategy": config.excess_length_strategy,
+        "datasets": per_dataset,
+        "rows_read": sum(e["rows_taken"] for e in per_dataset),
+        "train_rows": len(kept["train"]),
+        "val_rows": len(kept["val"]),
+        "dropped_too_long": sum(e["dropped_too_long"] for e in per_dataset),
+        "truncated": sum(e["truncated"] for e in per_dataset),
+        "dropped_no_labels": sum(e["dropped_no_labels"] for e in per_dataset),
+        "train": split_summary(kept["train"]),
+        "val": split_summary(kept["val"]),
+        "train_tokens": int(kept["train"].lengths.sum()),
+        "train_label_tokens": int(kept["train"].scored_counts().sum()),
+        "lengths": length_summary(tokenized_lengths),
+        "packing": packing_summary(kept["train"].lengths, config.sequence_len),
+        "_tokenized_lengths": tokenized_lengths,
     }
-    return PreparedData(train=train, val=val, fingerprint=fingerprint, report=report)
+    return PreparedData(train=kept["train"], val=kept["val"], fingerprint=fingerprint, report=report)
+
+
+def apply_length_rule(
+    rows: TokenizedRows, config: Config, sources: Sequence[Source], entries: Sequence[Entry]
+) -> tuple[TokenizedRows, dict[str, np.ndarray]]:
+    """Drop, truncate or refuse samples over ``sequence_len``; then drop samples with nothing to train.
+
+    Returns the kept rows and, per dataset, how many were dropped or truncated.
+    """
+    datasets = len(config.datasets)
+    too_long = rows.lengths > config.sequence_len
+    if too_long.any() and config.excess_length_strategy == "raise":
+        first = int(np.argmax(too_long))
+        index, position, _ = entries[first]
+        raise UserError(
+            f"{sources[index].where(position)}: sample has {int(rows.lengths[first])} tokens, more than "
+            f"sequence_len {config.sequence_len} (excess_length_strategy: raise; use drop or truncate, or raise "
+            "sequence_len)."
+        )
+    counts = {"dropped_too_long": np.zeros(datasets, np.int64), "truncated": np.zeros(datasets, np.int64)}
+    key = "truncated" if config.excess_length_strategy == "truncate" else "dropped_too_long"
+    counts[key] = np.bincount(rows.origin[too_long], minlength=datasets)
+    if config.excess_length_strategy == "truncate":
+        rows = rows.truncated(config.sequence_len)
+    else:
+        rows = rows.select(~too_long)
+    no_labels = rows.scored_counts() == 0
+    counts["dropped_no_labels"] = np.bincount(rows.origin[no_labels], minlength=datasets)
+    return rows.select(~no_labels), counts
 
 
 def val_row_count(val_set_size: float, total: int) -> int:
@@ -121,137 +189,12 @@ def val_row_count(val_set_size: float, total: int) -> int:
     if val_set_size <= 0:
         return 0
     if val_set_size < 1:
-        return max(1, int(round(val_set_size * total)))
-    return min(int(val_set_size), total - 1)
+        return min(max(1, int(round(val_set_size * total))), max(total - 1, 0))
+    return min(int(val_set_size), max(total - 1, 0))
 
 
-def _tokenize(rows, config: Config, tokenizer, add_bos: bool):
-    samples = []
-    origins = []
-    for dataset_index, row in rows:
-        dataset = config.datasets[dataset_index]
-        try:
-            samples.append(FORMATS[dataset.type](row))
-        except RowFormatError as exc:
-            row_id = row.get("__row__", "?")
-            raise UserError(
-                f"{dataset.path}: row {row_id}: {exc} (needed by type '{dataset.type}')."
-            ) from None
-        origins.append(dataset_index)
-    tokenized = tokenize_samples(
-        samples, tokenizer, train_on_inputs=config.train_on_inputs, add_bos=add_bos
-    )
-    kept = []
-    dropped_per_dataset = [0] * len(config.datasets)
-    for origin, sample in zip(origins, tokenized, strict=True):
-        too_long = len(sample["input_ids"]) > config.sequence_len
-        no_labels = all(t == -100 for t in sample["labels"][1:])
-        if too_long or no_labels:
-            dropped_per_dataset[origin] += 1
-            continue
-        kept.append(sample)
-    return kept, {"dropped": sum(dropped_per_dataset), "dropped_per_dataset": dropped_per_dataset}
-
-
-def load_rows(dataset: DatasetConfig) -> list[dict[str, Any]]:
-    """Rows of one dataset entry as dicts, each tagged with its row number for error messages."""
-    if dataset.type not in FORMATS:
-        from axlora.config.load import did_you_mean
-
-        raise UserError(
-            f"datasets: unknown type '{dataset.type}'{did_you_mean(dataset.type, set(FORMATS))} "
-            f"Supported: {', '.join(sorted(FORMATS))}."
-        )
-    path = Path(dataset.path)
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
-        _check_json_file(path)
-    loaded = _load_with_datasets(dataset, path)
-    rows = []
-    for index, row in enumerate(loaded):
-        row = dict(row)
-        row["__row__"] = index + 1
-        rows.append(row)
-    return rows
-
-
-def _load_with_datasets(dataset: DatasetConfig, path: Path):
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if path.exists():
-            files = dataset.data_files or [str(p) for p in _local_files(dataset)]
-            if not files:
-                raise UserError(f"{path}: no data files (.json, .jsonl, .parquet, .csv) found.")
-            suffix = Path(files[0] if isinstance(files, list) else files).suffix
-            builder = _LOCAL_SUFFIXES.get(suffix)
-            if builder is None:
-                raise UserError(f"{path}: unsupported file type '{suffix}'; use JSON, JSONL, Parquet or CSV.")
-            return datasets.load_dataset(builder, data_files=files, split=dataset.split)
-        if path.is_absolute() or dataset.path.startswith("."):
-            raise UserError(f"{dataset.path}: dataset path not found.")
-        return datasets.load_dataset(
-            dataset.path, name=dataset.name, data_files=dataset.data_files, split=dataset.split
-        )
-    except UserError:
-        raise
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"{dataset.path}: cannot read split '{dataset.split}': {exc}") from None
-    except Exception as exc:  # datasets raises many kinds; the user needs the path and the reason
-        raise UserError(f"{dataset.path}: cannot load dataset: {type(exc).__name__}: {exc}") from None
-
-
-def _check_json_file(path: Path) -> None:
-    """Find the first malformed line of a JSON Lines file, so the message can name it."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        head = handle.read(1)
-        handle.seek(0)
-        if head == "[":
-            try:
-                json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}.") from None
-            return
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
-            if not isinstance(value, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}.")
-
-
-def _write_cache(prepared: PreparedData, cache_dir: Path) -> None:
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        for split in ("train", "val"):
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as handle:
-                for row in getattr(prepared, split):
-                    handle.write(json.dumps(row, separators=(",", ":")) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        # report.json is written last: its presence marks a complete cache entry
-        (tmp / "report.json").write_text(json.dumps(prepared.report, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(cache_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_cache(cache_dir: Path, fingerprint: str) -> PreparedData:
-    def read(split: str) -> list[dict[str, list[int]]]:
-        with open(cache_dir / f"{split}.jsonl", encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle]
-
-    report = json.loads((cache_dir / "report.json").read_text())
-    return PreparedData(
-        train=read("train"), val=read("val"), fingerprint=fingerprint, report=report,
-        cache_dir=cache_dir, cache_hit=True,
-    )
+def _located(exc: RowError, config: Config, sources: Sequence[Source]) -> UserError:
+    dataset = config.datasets[exc.dataset_index]
+    where = sources[exc.dataset_index].where(exc.position)
+    kind = dataset.type or "empty: pre-tokenized rows"
+    return UserError(f"{where}: {exc} (type {kind}).")

@@ -24,13 +24,21 @@ from axlora.model.adapter import complete_checkpoints
 
 STATE_FILE = "trainer_state.json"
 RESOLVED_CONFIG = "axlora.yml"
+BEST_ADAPTER = "best_adapter.safetensors"
 
 
 @dataclass
 class ResumeKey:
-    """Settings a resumed run must share with the run that wrote the checkpoint."""
+    """Settings a resumed run must share with the run that wrote the checkpoint.
+
+    Together they fix which rows each step trains on and how its loss is normalized, so a resume with any
+    of them changed would silently train something else than the interrupted run.
+    """
 
     data_fingerprint: str
+    datasets: list[str]
+    val_set_size: float
+    train_on_inputs: bool
     sequence_len: int
     micro_batch_size: int
     gradient_accumulation_steps: int
@@ -38,13 +46,49 @@ class ResumeKey:
     sample_packing: bool
     seed: int
 
+    @classmethod
+    def for_run(cls, config: Config, data_fingerprint: str, world_size: int) -> ResumeKey:
+        return cls(
+            data_fingerprint=data_fingerprint,
+            datasets=[_describe_dataset(d) for d in config.datasets],
+            val_set_size=config.val_set_size,
+            train_on_inputs=config.train_on_inputs,
+            sequence_len=config.sequence_len,
+            micro_batch_size=config.micro_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            world_size=world_size,
+            sample_packing=config.sample_packing,
+            seed=config.seed,
+        )
+
     def differences(self, other: dict[str, Any]) -> list[str]:
+        """One line per changed setting, in the user's terms ("checkpoint has X, this run has Y")."""
+        changed = [key for key, value in asdict(self).items() if other.get(key) != value]
+        if "data_fingerprint" in changed and len(changed) > 1:
+            changed.remove("data_fingerprint")  # explained by the named settings that changed with it
         ours = asdict(self)
-        return [
-            f"{key}: checkpoint has {other.get(key)!r}, this run has {value!r}"
-            for key, value in ours.items()
-            if other.get(key) != value
-        ]
+        lines = []
+        for key in changed:
+            if key == "data_fingerprint":
+                lines.append("the prepared data: the dataset files' content or the tokenizer changed "
+                             f"(fingerprint {other.get(key)} -> {ours[key]})")
+            else:
+                lines.append(f"{_KEY_LABELS.get(key, key)}: checkpoint has {other.get(key)!r}, "
+                             f"this run has {ours[key]!r}")
+        return lines
+
+
+_KEY_LABELS = {"world_size": "number of processes (world size)"}
+# Settings an exact resume takes from the checkpoint's optimizer and scheduler state, not from the YAML.
+_OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay",
+                   "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def _describe_dataset(dataset) -> str:
+    text = f"{dataset.path} ({dataset.type}, split {dataset.split}"
+    text += f", files {dataset.data_files}" if dataset.data_files else ""
+    text += f", name {dataset.name}" if dataset.name else ""
+    return text + ")"
 
 
 def write_resolved_config(config: Config, path: Path) -> None:
@@ -85,9 +129,15 @@ def save_checkpoint(
     resume_key: ResumeKey,
     extra_state: dict[str, Any],
     save_total_limit: int | None,
+    best_adapter: dict | None = None,
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then prune the oldest beyond ``save_total_limit``."""
+    """Write ``checkpoints/step-N`` atomically, then prune the oldest beyond ``save_total_limit``.
+
+    ``best_adapter`` (the weights of the best evaluation so far, for early stopping) travels with the
+    checkpoint so a resumed run still ends with the best adapter, even one from before the interruption.
+    """
     import torch
+    from safetensors.torch import save_file
 
     target = output_dir / "checkpoints" / f"step-{step}"
     with atomic_directory(target) as tmp:
@@ -95,6 +145,8 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
+        if best_adapter is not None:
+            save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
         write_resolved_config(config, tmp / RESOLVED_CONFIG)
         state = {"step": step, "resume_key": asdict(resume_key), **extra_state}
         # written last inside the temporary dir; the rename publishes the whole checkpoint at once
@@ -113,8 +165,10 @@ def resolve_resume(config: Config, log=print) -> Path | None:
     if value == "auto":
         found = complete_checkpoints(Path(config.output_dir))
         if not found:
-            log(f"resume: auto found no checkpoint under {config.output_dir}/checkpoints; starting fresh")
+            log(f"resume: auto found no complete checkpoint under {config.output_dir}/checkpoints; "
+                "starting fresh")
             return None
+        log(f"resume: auto picked the newest complete checkpoint, checkpoints/{found[-1].name}")
         return found[-1]
     path = Path(value)
     if not (path / STATE_FILE).is_file():
@@ -127,16 +181,97 @@ def resolve_resume(config: Config, log=print) -> Path | None:
 
 def read_checkpoint_state(path: Path, resume_key: ResumeKey) -> dict[str, Any]:
     """The checkpoint's state, after checking that the run's data and batch shape are unchanged."""
-    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"resume_from_checkpoint: cannot read {path / STATE_FILE}: {exc}") from None
     differences = resume_key.differences(state.get("resume_key", {}))
     if differences:
-        raise UserError(
-            f"resume_from_checkpoint: cannot resume {path} exactly; these settings changed:\n  "
-            + "\n  ".join(differences)
-            + "\nEither restore them, or start a new run that continues this checkpoint's adapter with "
-            f"lora_model_dir: {path} (and no resume_from_checkpoint)."
-        )
+        raise _refused_resume(path, differences)
     return state
+
+
+def check_adapter_unchanged(path: Path, peft_model) -> None:
+    """Refuse a resume whose LoRA (rank, alpha, dropout, targets) differs from the checkpoint's."""
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"resume_from_checkpoint: cannot read {path / 'adapter_config.json'}: {exc}") from None
+    current = peft_model.peft_config[peft_model.active_adapter]
+    differences = []
+    for yaml_key, peft_key in _ADAPTER_KEYS.items():
+        theirs, ours = _comparable(saved.get(peft_key)), _comparable(getattr(current, peft_key, None))
+        if theirs != ours:
+            differences.append(f"{yaml_key}: checkpoint has {theirs!r}, this run has {ours!r}")
+    if differences:
+        raise _refused_resume(path, differences)
+
+
+_ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "peft_use_rslora": "use_rslora", "lora_target_modules": "target_modules"}
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, list | set | tuple) else value
+
+
+def _refused_resume(path: Path, differences: list[str]) -> UserError:
+    return UserError(
+        f"resume_from_checkpoint: cannot resume {path} exactly; these settings differ from the run "
+        "that wrote it:\n  " + "\n  ".join(differences)
+        + "\nA resume replays the interrupted run step by step, so they must match. Two ways forward:\n"
+        "  1. restore the settings above and resume again: the run ends exactly where the "
+        "uninterrupted one would;\n"
+        f"  2. continue the checkpoint's adapter as a new run: set lora_model_dir: {path}, remove "
+        "resume_from_checkpoint and set a new output_dir (the adapter's weights carry over; optimizer, "
+        "learning-rate schedule and step start afresh with the new settings)."
+    )
+
+
+def resume_notes(path: Path, config: Config, state: dict[str, Any], total_steps: int) -> list[str]:
+    """Warnings for settings that changed since the checkpoint but do not stop an exact resume."""
+    notes = []
+    try:
+        earlier = yaml.safe_load((path / RESOLVED_CONFIG).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        earlier = {}
+    now = config.model_dump(mode="json")
+    for key in _OPTIMIZER_KEYS:
+        if key in earlier and earlier[key] != now.get(key):
+            notes.append(f"{key}: checkpoint has {earlier[key]!r}, this run has {now.get(key)!r}; a resume "
+                         "restores the checkpoint's optimizer and scheduler state, so the change may not take "
+                         "effect (to train on with new settings, continue with lora_model_dir instead)")
+    planned = state.get("total_steps")
+    if planned is not None and planned != total_steps:
+        notes.append(f"total steps: checkpoint planned {planned}, this run plans {total_steps}; the "
+                     f"learning-rate schedule follows the new total from step {state['step']} on")
+    return notes
+
+
+def clear_earlier_checkpoints(output_dir: Path, log=print) -> None:
+    """A fresh run removes the checkpoints of an earlier run in its ``output_dir`` (and any half-written save).
+
+    Otherwise a later ``resume_from_checkpoint: auto`` (a re-queued job) would take the earlier run's
+    checkpoint for this run's. Like ``final/`` and ``logs/``, the earlier run's outputs are replaced.
+    """
+    root = output_dir / "checkpoints"
+    earlier = complete_checkpoints(output_dir)
+    if earlier:
+        log(f"checkpoints: removing {len(earlier)} checkpoint(s) of an earlier run in {root} "
+            f"({', '.join(p.name for p in earlier)}): this run starts fresh (resume_from_checkpoint: auto "
+            "would have continued them)")
+    for path in earlier:
+        shutil.rmtree(path, ignore_errors=True)
+    remove_unfinished_saves(output_dir)
+
+
+def remove_unfinished_saves(output_dir: Path) -> None:
+    """Delete ``.step-N.tmp-PID`` / ``.step-N.old-PID`` left by a save that was killed (never trusted anyway)."""
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".step-") and (".tmp-" in child.name or ".old-" in child.name):
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def load_training_state(path: Path, optimizer, scheduler) -> None:
@@ -145,3 +280,11 @@ def load_training_state(path: Path, optimizer, scheduler) -> None:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     restore_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+
+
+def load_best_adapter(path: Path) -> dict | None:
+    """The best-so-far adapter weights a checkpoint carries (None when it was written without early stopping)."""
+    from safetensors.torch import load_file
+
+    best = path / BEST_ADAPTER
+    return load_file(str(best)) if best.is_file() else None

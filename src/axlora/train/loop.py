@@ -15,6 +15,7 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,12 @@ from axlora.config.schema import Config
 from axlora.data.collate import PackedCollator, PaddedCollator, model_inputs
 from axlora.data.pack import pack_examples
 from axlora.data.prepare import PreparedData, prepare_data
-from axlora.model.adapter import attach_adapter, plan_adapter
-from axlora.model.load import load_base_model, load_tokenizer, tokenizer_fingerprint
+from axlora.errors import UserError
+from axlora.model.adapter import AdapterPlan, attach_adapter, effective_adapter_settings, plan_adapter
+from axlora.model.load import load_base_model, load_tokenizer, require_machine_support, tokenizer_fingerprint
 from axlora.train import checkpoint as ckpt
+from axlora.train.integrations import start_integrations
+from axlora.train.length_groups import build_schedule
 from axlora.train.metrics import MetricsLog
 from axlora.train.optim import build_optimizer, build_scheduler, resolve_optimizer
 from axlora.train.precision import choose_precision
@@ -42,65 +46,75 @@ class RunResult:
 
 def run_training(config: Config, log=print) -> RunResult:
     """Train the LoRA the config describes and write ``output_dir`` (see the design's Outputs)."""
+    started = time.perf_counter()
+    # decided from the config and the disk alone, before torch loads: a bad lora_model_dir fails in a second
+    _check_eval_settings(config)
+    plan = plan_adapter(config)
+    require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     output_dir = Path(config.output_dir)
-    started = time.perf_counter()
     precision = choose_precision(config)
     optimizer_cls, optimizer_kwargs = resolve_optimizer(config)
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+    )
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda *_: None)
+    integrations = start_integrations(config, log=say, enabled=is_main)
 
-    # ---- setup: plan, data, model ------------------------------------------------------------------
-    plan = plan_adapter(config)
+    # ---- setup: data, resume check, model -----------------------------------------------------------
     resume_from = ckpt.resolve_resume(config, say)
-    tokenizer = load_tokenizer(config)
-    prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), say)
+    tokenizer = load_tokenizer(config, log=say)
+    with accelerator.main_process_first():  # one rank prepares, the others then read its cache
+        prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), say)
+    _check_val_rows(config, prepared)
+    resume_key = ckpt.ResumeKey.for_run(config, prepared.fingerprint, accelerator.num_processes)
+    # refused before the model loads: a changed dataset or batch shape costs seconds, not minutes
+    state = ckpt.read_checkpoint_state(resume_from, resume_key) if resume_from is not None else None
+    if is_main:
+        if state is None:
+            ckpt.clear_earlier_checkpoints(output_dir, say)
+        else:
+            ckpt.remove_unfinished_saves(output_dir)
     train_rows, collate = _layout_rows(prepared, config, tokenizer, say)
     val_rows, val_collate = _layout_val(prepared, config, tokenizer)
 
     set_seed(config.seed)
-    model = load_base_model(config, precision.torch_dtype)
+    model = load_base_model(config, precision.torch_dtype, tokenizer=tokenizer, log=say)
     model = attach_adapter(model, config, plan, say)
+    run_config = _config_as_trained(config, model, plan)
     trainable, total = _count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
 
     prompts = sample_prompt_texts(config)
     samples_before = generate_samples(model, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
 
-    schedule = StepSchedule(
-        num_rows=len(train_rows),
-        micro_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        world_size=accelerator.num_processes,
-        seed=config.seed,
-    )
+    schedule = build_schedule(config, train_rows, accelerator.num_processes)
     total_steps = schedule.total_steps(config.num_epochs, config.max_steps)
     optimizer = build_optimizer(model, config, optimizer_cls, optimizer_kwargs)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    resume_key = ckpt.ResumeKey(
-        data_fingerprint=prepared.fingerprint,
-        sequence_len=config.sequence_len,
-        micro_batch_size=config.micro_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        world_size=accelerator.num_processes,
-        sample_packing=config.sample_packing,
-        seed=config.seed,
-    )
+    early = EarlyStopping(config.early_stopping_patience)
 
     start_step, totals = 0, {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
-    if resume_from is not None:
-        state = ckpt.read_checkpoint_state(resume_from, resume_key)
+    if state is not None:
+        assert resume_from is not None
+        ckpt.check_adapter_unchanged(resume_from, model)
         _load_adapter_weights(model, resume_from)
-        ckpt.load_training_state(resume_from, optimizer, scheduler)
+        ckpt.load_training_state(resume_from, optimizer, scheduler)  # RNG last: nothing may draw after it
+        early.restore(state.get("early_stopping"), ckpt.load_best_adapter(resume_from))
         start_step, totals = state["step"], state.get("totals", totals)
+        for note in ckpt.resume_notes(resume_from, config, state, total_steps):
+            say(f"warning: resume: {note}")
         say(f"resume: resumed from checkpoints/{resume_from.name} at step {start_step}/{total_steps}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = MetricsLog(output_dir / "logs", resume_step=start_step, enabled=is_main)
+    integrations.watch(accelerator.unwrap_model(model))
     say(
         f"train: {len(train_rows)} rows, {schedule.rows_per_step} rows/step "
         f"({config.micro_batch_size} micro x {config.gradient_accumulation_steps} accum x "
@@ -110,7 +124,14 @@ def run_training(config: Config, log=print) -> RunResult:
     # ---- train --------------------------------------------------------------------------------------
     progress = Progress(total_steps, start_step, enabled=is_main)
     last: dict[str, Any] = {}
-    eval_loss = None
+    eval_loss = state.get("last_eval_loss") if state else None
+    if config.eval_on_start and start_step == 0:
+        eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
+        early.observe(0, eval_loss, accelerator.unwrap_model(model))
+        metrics.write({"step": 0, "eval_loss": eval_loss})
+        integrations.log({"step": 0, "eval_loss": eval_loss})
+        progress.log_line(0, {"eval_loss": eval_loss})
+    done = start_step
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         loss, grad_norm, tokens, label_tokens = _train_step(
@@ -127,34 +148,48 @@ def run_training(config: Config, log=print) -> RunResult:
                 "grad_norm": grad_norm, "tokens_per_second": tokens / max(seconds, 1e-9)}
         progress.update(done, last)
         row: dict[str, Any] | None = dict(last) if (done % config.logging_steps == 0 or done == total_steps) else None
-        if val_rows and _due(done, config.eval_steps, total_steps):
+        if val_rows and config.evaluates_at(done, total_steps, schedule.steps_per_epoch):
             eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
+            early.observe(done, eval_loss, accelerator.unwrap_model(model))
             row = {**(row or {"step": done}), "eval_loss": eval_loss}
         if row is not None:
             metrics.write(row)
+            integrations.log(row)
             progress.log_line(done, row)
-        if config.save_steps and done % config.save_steps == 0 and done < total_steps:
+        if early.should_stop and done < total_steps:
+            say(f"early stopping: eval_loss has not improved on step {early.best_step}'s "
+                f"{early.best_eval_loss:.4f} for {early.patience} evaluations; stopping at step {done}")
+            break
+        if config.saves_at(done, total_steps, schedule.steps_per_epoch):
             if is_main:
                 ckpt.save_checkpoint(
                     output_dir, done,
                     save_adapter=lambda d: accelerator.unwrap_model(model).save_pretrained(d),
-                    optimizer=optimizer, scheduler=scheduler, config=config, resume_key=resume_key,
-                    extra_state={"totals": totals, "total_steps": total_steps},
+                    optimizer=optimizer, scheduler=scheduler, config=run_config, resume_key=resume_key,
+                    extra_state={"totals": totals, "total_steps": total_steps, "last_eval_loss": eval_loss,
+                                 "early_stopping": early.state()},
                     save_total_limit=config.save_total_limit,
+                    best_adapter=early.best_weights,
                 )
             accelerator.wait_for_everyone()
     progress.close()
 
     # ---- save ---------------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
+    if early.enabled and early.best_step is not None:
+        early.restore_best(unwrapped)
+        say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
+            f"of {done} steps trained")
     samples_after = generate_samples(unwrapped, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
     summary = {
         "axlora_version": __version__,
-        "steps": total_steps,
+        "steps": done,
+        "planned_steps": total_steps,
         "resumed_from_step": start_step or None,
-        "epochs": round(schedule.epoch_of(total_steps), 4),
+        "epochs": round(schedule.epoch_of(done), 4),
         "world_size": accelerator.num_processes,
-        "adapter": {"case": plan.case, "reason": plan.reason},
+        "adapter": {"case": plan.case, "reason": plan.reason,
+                    "continued_from": str(plan.adapter_dir) if plan.adapter_dir else None},
         "train_rows": len(prepared.train),
         "val_rows": len(prepared.val),
         "tokens": totals["tokens"],
@@ -162,6 +197,7 @@ def run_training(config: Config, log=print) -> RunResult:
         "tokens_per_second": totals["tokens"] / max(totals["train_seconds"], 1e-9),
         "final_train_loss": last.get("loss"),
         "final_eval_loss": eval_loss,
+        "early_stopping": early.summary(done, total_steps) if early.enabled else None,
         "peak_memory_bytes": _peak_memory(),
         "wall_seconds": time.perf_counter() - started,
         "precision": precision.name,
@@ -172,25 +208,118 @@ def run_training(config: Config, log=print) -> RunResult:
         "versions": _versions(),
     }
     if is_main:
-        _write_final(output_dir, unwrapped, tokenizer, config, summary)
+        _write_final(output_dir, unwrapped, tokenizer, run_config, summary)
         metrics.plot_loss()
         metrics.close()
         _print_samples(summary["samples"], say)
         say(f"saved: {output_dir / 'final'}")
+        integrations.finish(output_dir / "final", summary)
     accelerator.wait_for_everyone()
     return RunResult(output_dir=output_dir, summary=summary)
+
+
+def _check_eval_settings(config: Config) -> None:
+    """Evaluation features need a validation split, and early stopping needs evaluations to count."""
+    for key in ("eval_on_start", "early_stopping_patience"):
+        if getattr(config, key) and not config.val_set_size:
+            raise UserError(f"{key}: needs validation rows to evaluate; set val_set_size (e.g. 0.05).")
+    if config.early_stopping_patience and config.eval_steps is None:
+        raise UserError("early_stopping_patience: needs eval_steps (evaluate every N steps) so that "
+                        "evaluations without improvement can be counted.")
+
+
+def _check_val_rows(config: Config, prepared: PreparedData) -> None:
+    for key in ("eval_on_start", "early_stopping_patience"):
+        if getattr(config, key) and not prepared.val:
+            raise UserError(f"{key}: val_set_size {config.val_set_size:g} leaves no validation rows; "
+                            "raise it (a fraction, or a row count >= 1).")
+
+
+def _config_as_trained(config: Config, model, plan: AdapterPlan) -> Config:
+    """The config with a continued adapter's own rank/alpha/targets, so final/axlora.yml tells the truth."""
+    if plan.case != "continue":
+        return config
+    return config.model_copy(update=effective_adapter_settings(model))
+
+
+@dataclass
+class EarlyStopping:
+    """``early_stopping_patience``: count evaluations without a lower eval_loss, keep the best adapter.
+
+    The best weights are a copy of the (small) adapter held in memory and written into each checkpoint,
+    so the run ends with the best adapter in ``final/`` (transformers' ``load_best_model_at_end``) even
+    when it was resumed after the best step. With ``eval_on_start`` the starting adapter (step 0) is a
+    candidate too: a continued run that never beats its baseline hands that adapter back unchanged.
+    """
+
+    patience: int | None
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    best_weights: dict | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.patience is not None
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evals_without_improvement >= self.patience
+
+    def observe(self, step: int, eval_loss: float, model) -> None:
+        if not self.enabled:
+            return
+        if self.best_eval_loss is None or eval_loss < self.best_eval_loss:
+            self.best_step, self.best_eval_loss, self.evals_without_improvement = step, eval_loss, 0
+            self.best_weights = _adapter_weights(model)
+        else:
+            self.evals_without_improvement += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "best_eval_loss": self.best_eval_loss,
+                "evals_without_improvement": self.evals_without_improvement}
+
+    def restore(self, state: dict[str, Any] | None, weights: dict | None) -> None:
+        if self.enabled and state:
+            self.best_step = state.get("best_step")
+            self.best_eval_loss = state.get("best_eval_loss")
+            self.evals_without_improvement = state.get("evals_without_improvement", 0)
+            self.best_weights = weights
+
+    def restore_best(self, model) -> None:
+        if self.best_weights is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, self.best_weights)
+
+    def summary(self, steps_trained: int, planned_steps: int) -> dict[str, Any]:
+        return {
+            "patience": self.patience,
+            "load_best_model_at_end": True,
+            "best_step": self.best_step,
+            "best_eval_loss": self.best_eval_loss,
+            "stopped_early_at_step": steps_trained if steps_trained < planned_steps else None,
+            "final_adapter": f"the adapter of step {self.best_step} (lowest eval_loss), "
+                             f"not of the last step trained ({steps_trained})",
+        }
+
+
+def _adapter_weights(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {key: value.detach().clone().cpu() for key, value in get_peft_model_state_dict(model).items()}
 
 
 def _layout_rows(prepared: PreparedData, config: Config, tokenizer, say):
     """Training rows as the loop consumes them: packed rows when ``sample_packing``, else samples."""
     pad = tokenizer.pad_token_id
     if not config.sample_packing:
-        return prepared.train, PaddedCollator(pad_token_id=pad)
+        return prepared.train, PaddedCollator(pad_token_id=pad, **config.padding())
     rows = pack_examples(prepared.train, config.sequence_len)
     real = sum(len(r["input_ids"]) for r in rows)
     say(f"packing: {len(prepared.train)} samples -> {len(rows)} rows of {config.sequence_len} "
         f"({100 * real / (len(rows) * config.sequence_len):.1f}% full)")
-    return rows, PackedCollator(pad_token_id=pad)
+    return rows, PackedCollator(pad_token_id=pad, **config.padding())
 
 
 def _layout_val(prepared: PreparedData, config: Config, tokenizer):
@@ -261,19 +390,16 @@ def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
     return float(total / count.clamp(min=1))
 
 
-def _due(step: int, every: int | None, total: int) -> bool:
-    return step == total or (every is not None and step % every == 0)
-
-
 def _load_adapter_weights(model, checkpoint_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint_dir / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "unexpected_keys", [])]
-    if missing:
-        raise RuntimeError(f"checkpoint {checkpoint_dir} holds weights the model lacks: {missing[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise UserError(f"resume_from_checkpoint: {checkpoint_dir} holds adapter weights this run's LoRA "
+                        f"lacks ({unexpected[:3]}); was it written with other adapter settings?")
 
 
 def _count_parameters(model) -> tuple[int, int]:

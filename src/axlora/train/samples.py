@@ -2,31 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from axlora.config.schema import Config
-from axlora.data.formats import FORMATS
 
 
-def sample_prompt_texts(config: Config) -> list[str]:
+def sample_prompt_texts(config: Config, tokenizer=None) -> list[str]:
     """Each ``sample_prompts`` entry rendered as the first dataset's format renders a prompt.
 
-    A plain string is an alpaca instruction; a mapping holds the format's fields (e.g. instruction,
-    input) without the completion.
+    A plain string is the format's main input (an alpaca instruction, a user message for chat formats); a
+    mapping holds the format's fields (e.g. instruction, input) without the completion. Chat formats render
+    with their chat template, so they need ``tokenizer`` (loaded from the config when not given).
     """
-    fmt = FORMATS[config.datasets[0].type]
-    texts = []
-    for entry in config.sample_prompts:
-        row: dict[str, Any] = {"instruction": entry} if isinstance(entry, str) else dict(entry)
-        row.setdefault("output", "")
-        segments = fmt(row)
-        prompt = ""
-        for segment in segments:
-            if segment.trainable:
-                break
-            prompt += segment.text
-        texts.append(prompt)
-    return texts
+    from axlora.data.formats import build_format, needs_tokenizer
+
+    if not config.sample_prompts:
+        return []
+    if tokenizer is None and needs_tokenizer(config):
+        from axlora.model.load import load_tokenizer
+
+        tokenizer = load_tokenizer(config, log=lambda *_: None)
+    fmt = build_format(config, 0, tokenizer)
+    return [fmt.prompt(entry) for entry in config.sample_prompts]
 
 
 def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -1,0 +1,466 @@
+"""Axolotl's config keys that are not axlora settings: renamed, accepted with no effect, or rejected.
+
+Every key of the schema (``config/schema.py``) is supported with Axolotl's meaning. This module covers
+the rest of Axolotl's documented options, so an Axolotl YAML either runs or gets one line per key saying
+why not, instead of Axolotl's habit of dropping what it does not know:
+
+* ``RENAMED``: Axolotl spellings of axlora keys (``model_config`` -> ``overrides_of_model_config``).
+* ``NO_OP``: keys that cannot change what a LoRA run trains (debug output, kernel patches that only
+  change speed, internal bookkeeping). They are accepted, and each one set prints a note saying why it
+  has no effect.
+* ``REJECTED``: features axlora does not have (RL, multimodal, full fine-tuning, ...). A value that asks
+  for nothing (``false``, ``0``, empty) is accepted, because Axolotl files often list such keys switched
+  off; any other value is an error naming the key and the reason.
+* ``PLUGINS``: entries of Axolotl's ``plugins:`` list, by class name.
+* ``VALUE_HINTS``: Axolotl-only values of supported keys (``gradient_checkpointing: offload``).
+
+A key that is both in the schema and in a table is a schema key: the schema always wins, so a feature
+added to axlora later only needs its field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def asks_for_nothing(value: Any, data: dict[str, Any] | None = None) -> bool:
+    """``false``, ``0``, an empty string/list/mapping, or ``"false"``/``"none"``: the feature stays off."""
+    return not value or (isinstance(value, str) and value.strip().lower() in {"false", "no", "none"})
+
+
+@dataclass(frozen=True)
+class NoOp:
+    """An Axolotl key that is accepted and has no effect on a LoRA run, and why."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An Axolotl feature axlora does not have; ``accepts`` says which values ask for nothing."""
+
+    reason: str
+    accepts: Callable[[Any, dict[str, Any]], bool] = asks_for_nothing
+    accepted: str = "false or empty"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """An Axolotl plugin: what it does, whether it only changes speed/memory, and axlora's equivalent."""
+
+    what: str
+    speed_only: bool
+    equivalent: str | None = None
+
+
+RENAMED: dict[str, str] = {
+    "model_config": "overrides_of_model_config",
+    "model_revision": "revision_of_model",
+    "type_of_model": "model_type",
+    "evaluation_strategy": "eval_strategy",
+}
+"""Axolotl spellings (aliases and deprecated names) -> the axlora key with the same meaning."""
+
+TRANSLATED: dict[str, str] = {
+    "auto_resume_from_checkpoints": "true is read as resume_from_checkpoint: auto (the same behaviour)",
+}
+"""Axolotl keys whose value becomes another axlora setting, and how."""
+
+
+def _noop(reason: str, *keys: str) -> dict[str, NoOp]:
+    return {key: NoOp(reason) for key in keys}
+
+
+def _rejected(reason: str, *keys: str) -> dict[str, Rejected]:
+    return {key: Rejected(reason) for key in keys}
+
+
+_SPEED = "a kernel or patch that changes speed or memory only, not what is trained"
+
+NO_OP: dict[str, NoOp] = {
+    **_noop("Axolotl's debug printing of tokenized rows; `axlora preprocess` prints a data report instead", "debug"),
+    **_noop("set by the launcher (accelerate/torchrun), not by the config", "local_rank", "world_size", "device", "ddp"),
+    **_noop(
+        "internal Axolotl flags; axlora reads the architecture from the model's config",
+        "is_falcon_derived_model", "is_llama_derived_model", "is_mistral_derived_model", "is_qwen_derived_model",
+        "axolotl_config_path", "is_preprocess", "preprocess_iterable", "experimental_skip_move_to_device",
+    ),
+    **_noop(
+        "tuning of Axolotl's packer; axlora packs every sample at once and reports the fill",
+        "total_num_tokens", "total_supervised_tokens", "sample_packing_eff_est", "sample_packing_group_size",
+        "sample_packing_bin_size", "sample_packing_sequentially", "sample_packing_mp_start_method",
+        "multipack_real_batches", "pretrain_multipack_attn",
+    ),
+    **_noop(
+        "axlora evaluates unpacked rows, so eval_loss is the same with or without packing; only eval speed differs",
+        "eval_sample_packing",
+    ),
+    **_noop("eval loss does not depend on the eval batch; axlora evaluates with micro_batch_size", "eval_batch_size"),
+    **_noop(
+        "Axolotl's table of generated predictions; axlora prints sample_prompts completed before and after training",
+        "eval_table_size", "eval_max_new_tokens", "generate_samples", "num_generation_samples",
+        "generation_max_new_tokens", "generation_temperature", "generation_top_p", "generation_top_k",
+        "generation_prompt_ratio", "generation_do_sample",
+    ),
+    **_noop(
+        "Axolotl aborts when the loss explodes; axlora logs the loss and leaves stopping to you",
+        "loss_watchdog_threshold", "loss_watchdog_patience",
+    ),
+    **_noop("axlora always logs tokens per second", "include_tokens_per_second", "include_tkps"),
+    **_noop("axlora always writes TensorBoard events to output_dir/logs/tensorboard", "use_tensorboard"),
+    **_noop(
+        "data-loading speed only; axlora's rows are tokenized in memory",
+        "dataloader_pin_memory", "dataloader_num_workers", "dataloader_prefetch_factor", "dataset_keep_in_memory",
+        "dataset_processes", "dataset_num_proc", "remove_unused_columns",
+    ),
+    **_noop("transformers always loads weights with low memory use", "low_cpu_mem_usage"),
+    **_noop(
+        _SPEED,
+        "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
+        "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
+        "unsloth_cross_entropy_loss", "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_rms_norm",
+        "unsloth_rope", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks", "use_kernels",
+        "use_scattermoe", "use_sonicmoe", "experts_implementation", "torch_compile", "torch_compile_backend",
+        "torch_compile_mode", "batch_flattening", "tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp",
+        "flex_attn_compile_kwargs", "embeddings_skip_upcast", "gc_steps",
+    ),
+    **_noop(
+        "a Liger kernel switch (LigerPlugin): speed and memory only, not what is trained",
+        "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_swiglu", "liger_glu_activation",
+        "liger_cross_entropy", "liger_fused_linear_cross_entropy",
+    ),
+    **_noop(
+        "a Cut Cross-Entropy switch (CutCrossEntropyPlugin): the same loss with less memory",
+        "cut_cross_entropy", "cut_cross_entropy_accum_c_fp32", "cut_cross_entropy_c_grad_chunk_size",
+    ),
+    **_noop(
+        "DDP tuning; axlora sets up data parallelism itself",
+        "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_find_unused_parameters",
+    ),
+    **_noop("profiling output only; use torch.profiler around `axlora train`", "profiler_steps", "profiler_steps_start"),
+    **_noop("tokenizer files are saved as transformers writes them", "tokenizer_save_jinja_files"),
+    **_noop("transformers downloads only the weight files it needs", "base_model_ignore_patterns"),
+    **_noop("huggingface_hub uses your login or HF_TOKEN on its own", "hf_use_auth_token"),
+    **_noop("settings of Axolotl's merge command; use `axlora merge-lora`", "merge_lora", "merge_method", "lora_on_cpu"),
+    **_noop("settings of Axolotl's Gradio inference UI, not of training", "gradio_title", "gradio_share",
+            "gradio_server_name", "gradio_server_port", "gradio_max_new_tokens", "gradio_temperature"),
+    **_noop("used only with loraplus_lr_ratio, which axlora does not support", "loraplus_lr_embedding"),
+    **_noop("used only with use_eaft, which axlora does not support", "eaft_alpha", "eaft_k"),
+    **_noop("used only with rl, which axlora does not support", "max_prompt_len"),
+    **_noop("axlora's torch import is not configurable", "torchdistx_path"),
+}
+
+_RL = "axlora does supervised LoRA fine-tuning; RL and preference training (DPO, IPO, KTO, ORPO, SimPO, GRPO) is not supported"
+_MULTIMODAL = "multimodal (image/audio) training is not supported; axlora trains text-only causal language models"
+_FULL_FT = "axlora trains LoRA adapters, not full or partial fine-tuning of the base weights"
+_PARALLEL = "this axlora version does not shard models across GPUs (DeepSpeed, FSDP, tensor/context parallelism)"
+_SCHEDULE = "axlora's learning-rate schedule is lr_scheduler plus warm-up only"
+_EVALS = "axlora reports eval_loss only; run benchmarks (lm-eval) on the merged model"
+_TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrated; metrics are also in logs/metrics.jsonl"
+
+REJECTED: dict[str, Rejected] = {
+    **_rejected(
+        _RL,
+        "rl", "rl_beta", "trl", "vllm", "dpo_beta", "dpo_use_weighting", "dpo_use_logits_to_keep", "dpo_label_smoothing",
+        "dpo_use_liger_kernel", "dpo_padding_free", "dpo_loss_type", "dpo_loss_weights", "dpo_generate_during_eval",
+        "dpo_norm_loss", "precompute_ref_log_probs", "orpo_alpha", "rpo_alpha", "simpo_gamma", "cpo_alpha",
+        "kto_desirable_weight", "kto_undesirable_weight", "reward_model", "process_reward_model",
+        "center_rewards_coefficient", "num_labels", "ebft",
+    ),
+    **_rejected(
+        _MULTIMODAL, "image_size", "image_resize_algorithm", "processor_type", "freeze_mm_modules",
+    ),
+    **_rejected(
+        _FULL_FT + "; use lora_modules_to_save to train whole modules besides the LoRA",
+        "unfrozen_parameters", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "reinit_weights",
+        "random_init_weights", "llama4_linearized_experts",
+    ),
+    **_rejected(
+        "ReLoRA restarts are not supported",
+        "relora", "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio",
+        "relora_prune_method", "relora_cpu_offload", "jagged_restart_steps", "jagged_restart_warmup_steps",
+        "jagged_restart_anneal_steps",
+    ),
+    **_rejected(
+        _PARALLEL,
+        "deepspeed", "deepcompile", "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type",
+        "dp_shard_size", "dp_replicate_size", "tensor_parallel_size", "context_parallel_size",
+        "sequence_parallel_degree", "heads_k_stride", "ring_attn_func", "ddp_timeout", "qlora_sharded_model_loading",
+        "fp8_enable_fsdp_float8_all_gather",
+    ),
+    **_rejected(
+        "axlora places the whole model on each GPU; per-device placement and memory caps are not supported",
+        "device_map", "max_memory", "gpu_memory_limit",
+    ),
+    **_rejected(
+        "streaming pretraining datasets are not supported; use datasets: with a completion-style type",
+        "pretraining_dataset", "streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
+        "pretraining_sample_concatenation",
+    ),
+    **_rejected(
+        "quantization-aware training, post-training quantization and FP8 training are not supported; "
+        "QLoRA is load_in_4bit",
+        "qat", "quantization", "fp8", "model_quantization_config", "model_quantization_config_kwargs",
+        "quantize_moe_experts",
+    ),
+    **_rejected("GPTQ-quantized base models are not supported; load the unquantized model with load_in_4bit", "gptq"),
+    **_rejected(
+        "LoftQ initialisation and the torchao QLoRA backend are not supported; QLoRA uses bitsandbytes (load_in_4bit)",
+        "peft",
+    ),
+    **_rejected("LoRA+ learning rates are not supported", "loraplus_lr_ratio"),
+    **_rejected("layer replication changes the architecture; not supported", "peft_layer_replication"),
+    **_rejected("LoRA on raw parameters (MoE experts) is not supported; target modules", "lora_target_parameters"),
+    **_rejected(_SCHEDULE, "lr_scheduler_kwargs", "cosine_min_lr_ratio", "cosine_constant_lr_ratio",
+                "lr_quadratic_warmup", "lr_div_factor", "lr_groups", "embedding_lr", "embedding_lr_scale"),
+    **_rejected(
+        "optimizer arguments beyond adam_beta1/adam_beta2/adam_epsilon/weight_decay are not supported",
+        "optim_args", "optim_target_modules", "adam_beta3", "adam_epsilon2",
+    ),
+    **_rejected(
+        "a total batch size is not supported; set gradient_accumulation_steps = batch_size / micro_batch_size / GPUs",
+        "batch_size",
+    ),
+    **_rejected("axlora does not search for a batch size; set micro_batch_size", "auto_find_batch_size"),
+    **_rejected(
+        "NEFTune embedding noise is not supported", "neftune_noise_alpha", "noisy_embedding_alpha",
+    ),
+    **_rejected("PoSE context extension is not supported", "use_pose", "pose_split_on_token_ids",
+                "pose_max_context_len", "pose_num_chunks"),
+    **_rejected(
+        "this attention variant is not available; use attn_implementation (sdpa, flash_attention_2, ...)",
+        "s2_attention", "sage_attention", "gemma4_hybrid_attn_impl",
+    ),
+    **_rejected("changes the model's attention math; not supported", "scaling_softmax", "scaling_softmax_factor",
+                "scaling_softmax_bias"),
+    **_rejected("the EAFT loss is not supported; axlora trains with cross-entropy", "use_eaft"),
+    **_rejected(
+        "activation and layer offloading are not supported; use gradient_checkpointing: true",
+        "activation_offloading", "layer_offloading",
+    ),
+    **_rejected(
+        "final/ holds the last adapter, or with early_stopping_patience the one with the lowest eval_loss",
+        "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
+    ),
+    **_rejected(_EVALS, "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset", "bench_split"),
+    **_rejected(
+        "axlora checkpoints always hold the full training state so that a run can resume", "save_only_model",
+    ),
+    **_rejected(
+        "axlora keeps an epoch's last, shorter step (its loss normalized by its own tokens)", "dataloader_drop_last",
+    ),
+    **_rejected(
+        "axlora shuffles rows each epoch with seed", "curriculum_sampling", "shuffle_before_merging_datasets",
+    ),
+    **_rejected("axlora does not deduplicate rows; deduplicate the data files first", "dataset_exact_deduplication"),
+    **_rejected(
+        "sharding the dataset is not supported; take part of it with split slicing (split: \"train[:10%]\")",
+        "dataset_shard_num", "dataset_shard_idx", "num_dataset_shards_to_save",
+    ),
+    **_rejected("a separate evaluation dataset is not supported; use val_set_size", "test_datasets"),
+    **_rejected("pushing the prepared dataset is not supported", "push_dataset_to_hub"),
+    **_rejected("axlora evaluates with sequence_len", "eval_sequence_len"),
+    **_rejected("axlora keeps samples of any length up to sequence_len", "min_sample_len"),
+    **_rejected("axlora always tokenizes with the prepared cache", "skip_prepare_dataset"),
+    **_rejected(
+        "chat-template options beyond chat_template / chat_template_jinja are not supported",
+        "default_system_message", "eot_tokens", "chat_template_kwargs",
+    ),
+    **_rejected(
+        "re-initialising or renaming vocabulary rows is not supported; add new tokens with tokens:",
+        "fix_untrained_tokens", "added_tokens_overrides",
+    ),
+    **_rejected("the mistral-common tokenizer is not supported", "tokenizer_use_mistral_common"),
+    **_rejected("axlora reads the config class from the model", "cls_model_config"),
+    **_rejected("arbitrary from_pretrained arguments are not supported; use the dedicated keys",
+                "overrides_of_model_kwargs", "model_kwargs"),
+    **_rejected("rope_scaling moved under model_config (overrides_of_model_config)", "rope_scaling"),
+    **_rejected("removed from Axolotl; set sequence_len and sample_packing", "max_packed_sequence_len"),
+    **_rejected("a custom trainer class is not supported", "trainer_cls"),
+    **_rejected("dynamic checkpoint triggers are not supported; use save_steps", "dynamic_checkpoint"),
+    **_rejected(
+        "Ray launching is not supported", "use_ray", "ray_run_name", "ray_num_workers", "resources_per_worker",
+    ),
+    **_rejected(
+        _TRACKERS,
+        "use_comet", "comet_api_key", "comet_workspace", "comet_project_name", "comet_experiment_key", "comet_mode",
+        "comet_online", "comet_experiment_config", "use_trackio", "trackio_project_name", "trackio_run_name",
+        "trackio_space_id", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "use_swanlab",
+        "swanlab_project", "swanlab_experiment_name", "swanlab_mode",
+    ),
+    **_rejected(
+        "PiSSA/OLoRA/LoftQ/EVA-style LoRA initialisation is not supported; axlora uses peft's default",
+        "peft_init_lora_weights",
+    ),
+    **_rejected(
+        "axlora keeps the LoRA weights in float32 (peft's default)", "peft_autocast_adapter_dtype",
+    ),
+    **_rejected("pure bfloat16 is what bf16: true does in axlora (the base weights load in bfloat16): use bf16", "bfloat16"),
+    **_rejected("pure float16 is what fp16: true does in axlora: use fp16", "float16"),
+    **_rejected("float32 is what bf16: false does in axlora: use bf16: false", "float32"),
+}
+
+# A few rejected keys accept more than "off": values that already are what axlora does.
+REJECTED["save_safetensors"] = Rejected(
+    "axlora always writes safetensors", accepts=lambda value, data: value is True, accepted="true"
+)
+REJECTED["peft_init_lora_weights"] = Rejected(
+    REJECTED["peft_init_lora_weights"].reason, accepts=lambda value, data: value is True, accepted="true"
+)
+REJECTED["peft_autocast_adapter_dtype"] = Rejected(
+    REJECTED["peft_autocast_adapter_dtype"].reason, accepts=lambda value, data: value is True, accepted="true"
+)
+REJECTED["shuffle_merged_datasets"] = Rejected(
+    "axlora always shuffles the mixed rows with seed", accepts=lambda value, data: value is True, accepted="true"
+)
+REJECTED["base_model_config"] = Rejected(
+    "axlora reads the model config from base_model",
+    accepts=lambda value, data: not value or value == data.get("base_model"),
+    accepted="the same as base_model",
+)
+
+PLUGINS: dict[str, Plugin] = {
+    "LigerPlugin": Plugin("Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)", True),
+    "CutCrossEntropyPlugin": Plugin("Cut Cross-Entropy: the same loss without materialising the logits", True),
+    "KernelsPlugin": Plugin("Hub and MoE kernels (ScatterMoE, SonicMoE)", True),
+    "SpectrumPlugin": Plugin("Spectrum: picks layers to fully fine-tune (" + _FULL_FT + ")", False),
+    "LMEvalPlugin": Plugin("lm-eval benchmarks after training (" + _EVALS + ")", False),
+    "GrokfastPlugin": Plugin("Grokfast gradient filtering, which changes the optimization", False),
+    "KDPlugin": Plugin("knowledge distillation from a teacher model", False),
+    "DiffusionPlugin": Plugin("diffusion language-model training", False),
+    "LLMCompressorPlugin": Plugin("sparse fine-tuning with llm-compressor", False),
+    "DenseMixerPlugin": Plugin("MoE router training with DenseMixer", False),
+    "SwanLabPlugin": Plugin("SwanLab experiment tracking (" + _TRACKERS + ")", False),
+}
+"""Axolotl plugins by class name (``axolotl.integrations.liger.LigerPlugin`` -> ``LigerPlugin``)."""
+
+VALUE_HINTS: dict[str, dict[Any, str]] = {
+    "gradient_checkpointing": {
+        value: "activation offloading is not supported; use gradient_checkpointing: true"
+        for value in ("offload", "offload_disk", "unsloth")
+    },
+    "bf16": {"full": "bfloat16 evaluation is what bf16: true already does in axlora; use bf16: true"},
+    "save_strategy": {
+        "best": "with early_stopping_patience, final/ holds the adapter with the lowest eval_loss; "
+        "use save_strategy: steps or epoch"
+    },
+    "wandb_log_model": {"checkpoint": "uploading every checkpoint is not supported; use wandb_log_model: end"},
+    "hub_strategy": {
+        value: "axlora pushes the final adapter once, at the end; use hub_strategy: end"
+        for value in ("every_save", "checkpoint", "all_checkpoints")
+    },
+    "adapter": {
+        value: "axlora trains LoRA adapters only; use adapter: lora (or qlora)"
+        for value in ("llama-adapter", "moe_sieve", "ia3", "loha", "lokr")
+    },
+}
+"""Axolotl values of supported keys that axlora does not take, with what to write instead."""
+
+
+@dataclass
+class Translation:
+    """An Axolotl-flavoured mapping turned into axlora keys, with what to tell the user about it."""
+
+    data: dict[str, Any]
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+
+
+def plugin_name(entry: str) -> str:
+    """``axolotl.integrations.liger.LigerPlugin`` -> ``LigerPlugin`` (module paths moved between releases)."""
+    return entry.rsplit(".", 1)[-1]
+
+
+def translate(data: dict[str, Any], schema_keys: set[str]) -> Translation:
+    """Apply the tables to a parsed config; schema keys pass through untouched.
+
+    Problems and notes are ``(key, message)`` pairs; the caller adds the file and line.
+    """
+    out = Translation(data={})
+    for key, value in data.items():
+        if key in schema_keys:
+            out.data[key] = value
+        elif key in RENAMED:
+            new = RENAMED[key]
+            if new in data:
+                out.problems.append((key, f"'{key}' is Axolotl's name for '{new}'; set only one of them."))
+            else:
+                out.data[new] = value
+                out.renamed[key] = new
+        elif key == "plugins":
+            _plugins(value, out)
+        elif key == "auto_resume_from_checkpoints":
+            _auto_resume(value, data, out)
+        elif key in NO_OP:
+            if not asks_for_nothing(value):
+                out.notes.append((key, f"'{key}' has no effect in axlora: {NO_OP[key].reason}."))
+        elif key in REJECTED:
+            rule = REJECTED[key]
+            if not rule.accepts(value, data):
+                out.problems.append((key, rejection_message(key, rule)))
+        else:
+            out.data[key] = value  # unknown: the loader reports it with a suggestion
+    _value_hints(out)
+    return out
+
+
+def rejection_message(key: str, rule: Rejected) -> str:
+    """One line: the key, why axlora refuses it, and what to do."""
+    fix = "remove it" if rule.accepted == Rejected.accepted else f"remove it or set it to {rule.accepted}"
+    return f"{key}: {rule.reason}; {fix} (Axolotl key)."
+
+
+def _plugins(value: Any, out: Translation) -> None:
+    entries = value if isinstance(value, list) else [value]
+    for entry in entries:
+        if not isinstance(entry, str):
+            out.problems.append(("plugins", f"plugins: expected a list of plugin names, got {entry!r}."))
+            continue
+        plugin = PLUGINS.get(plugin_name(entry))
+        if plugin is None:
+            out.problems.append((
+                "plugins",
+                f"plugins: unknown Axolotl plugin '{entry}'; axlora has no plugin system: remove it "
+                "(docs/axolotl-compat.md lists the plugins axlora recognises).",
+            ))
+        elif plugin.equivalent:
+            out.notes.append(("plugins", f"plugin {plugin_name(entry)} ({plugin.what}) is {plugin.equivalent} "
+                                         "in axlora."))
+        elif plugin.speed_only:
+            out.notes.append(("plugins", f"plugin {plugin_name(entry)}: {plugin.what}; it changes speed and memory "
+                                         "only, not what is trained, and axlora runs without it."))
+        else:
+            out.problems.append(("plugins", f"plugins: {plugin_name(entry)} is not supported: {plugin.what}."))
+
+
+def _auto_resume(value: Any, data: dict[str, Any], out: Translation) -> None:
+    if value is True and "resume_from_checkpoint" not in data:
+        out.data["resume_from_checkpoint"] = "auto"
+        message = TRANSLATED["auto_resume_from_checkpoints"]
+        out.notes.append(("auto_resume_from_checkpoints", f"auto_resume_from_checkpoints: {message}."))
+
+
+def _value_hints(out: Translation) -> None:
+    for key, hints in VALUE_HINTS.items():
+        value = out.data.get(key)
+        if isinstance(value, str) and value in hints:
+            out.problems.append((key, f"{key}: {hints[value]} (got {value!r})."))
+            del out.data[key]
+
+
+def noop_schema_properties() -> dict[str, dict[str, Any]]:
+    """JSON Schema entries for the accepted Axolotl-only keys, so editors do not flag them."""
+    properties: dict[str, dict[str, Any]] = {
+        key: {"description": f"Axolotl key accepted with no effect: {rule.reason}."} for key, rule in NO_OP.items()
+    }
+    for old, new in RENAMED.items():
+        properties[old] = {"description": f"Axolotl's name for {new}."}
+    properties["plugins"] = {
+        "description": "Axolotl plugins: speed-only ones (Liger, Cut Cross-Entropy, kernels) are accepted with a note.",
+        "type": "array",
+        "items": {"type": "string"},
+    }
+    return properties

@@ -1,0 +1,77 @@
+"""The prepared-data cache: a directory per fingerprint, written atomically, trusted only when complete.
+
+The fingerprint covers the bytes of every local data file, the tokenizer, each dataset entry's settings,
+what its format resolved to (the chat template text), and every setting that changes the rows
+(``sequence_len``, ``excess_length_strategy``, ``train_on_inputs``, ``val_set_size``, ``seed``). Change any
+of them and the data is prepared again; change anything else (learning rate, packing, batch size) and
+the cache is used as it is. Hub datasets are keyed by name, ``split``, ``name`` and ``revision``: pin
+``revision`` to notice a new upload.
+
+Layout of ``<dataset_prepared_path>/<fingerprint>/``: ``train.arrow``, ``val.arrow`` (see ``rows.py``),
+``report.json`` and ``lengths.png``. The directory is built as a temporary sibling and renamed into place
+(``axlora.atomic``), so a killed run leaves either nothing or a complete entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from axlora.atomic import atomic_directory
+from axlora.config.schema import Config
+from axlora.data.rows import TokenizedRows
+from axlora.data.segments import RowFormat
+
+CACHE_FORMAT_VERSION = "2"
+REPORT = "report.json"
+
+
+def data_fingerprint(
+    config: Config, tokenizer_fingerprint: str, formats: Sequence[RowFormat], files: Sequence[Sequence[Path]]
+) -> str:
+    """Hash of everything the prepared rows depend on (``files``: each dataset's local files, in order)."""
+    digest = hashlib.sha256()
+    settings = {
+        "version": CACHE_FORMAT_VERSION,
+        "datasets": [d.model_dump() for d in config.datasets],
+        "formats": [f.settings for f in formats],
+        "sequence_len": config.sequence_len,
+        "excess_length_strategy": config.excess_length_strategy,
+        "train_on_inputs": config.train_on_inputs,
+        "val_set_size": config.val_set_size,
+        "seed": config.seed,
+        "tokenizer": tokenizer_fingerprint,
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for dataset_files in files:
+        for path in dataset_files:
+            digest.update(f"\0{path.name}\0".encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cache_root(config: Config) -> Path:
+    return Path(config.dataset_prepared_path or Path(config.output_dir) / "prepared")
+
+
+def is_complete(cache_dir: Path) -> bool:
+    return (cache_dir / REPORT).is_file()
+
+
+def write_entry(cache_dir: Path, train: TokenizedRows, val: TokenizedRows, report: dict[str, Any], plot) -> None:
+    """Write a cache entry atomically; ``plot(path)`` draws the histogram. An existing entry is kept."""
+    with atomic_directory(cache_dir, replace=False) as tmp:
+        train.save(tmp / "train.arrow")
+        val.save(tmp / "val.arrow")
+        plot(tmp / "lengths.png")
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+
+
+def read_entry(cache_dir: Path) -> tuple[TokenizedRows, TokenizedRows, dict[str, Any]]:
+    report = json.loads((cache_dir / REPORT).read_text())
+    return TokenizedRows.load(cache_dir / "train.arrow"), TokenizedRows.load(cache_dir / "val.arrow"), report

@@ -1,0 +1,104 @@
+"""What preparing the data did: counts per dataset, tokens, lengths, packing fill; as JSON, text and a plot.
+
+The report is computed once, when the data is prepared, and saved beside the cached rows
+(``report.json``, ``lengths.png``); a cache hit prints the same summary without recomputing anything.
+Packing is always measured (it is cheap and depends only on the lengths and ``sequence_len``), so the
+report does not change when only ``sample_packing`` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from axlora.data.pack import PackingStats, pack_sequences
+from axlora.data.rows import TokenizedRows
+
+PERCENTILES = (50, 90, 95, 99)
+HISTOGRAM = "lengths.png"
+
+
+def length_summary(lengths: np.ndarray) -> dict[str, float | int]:
+    """min, mean, percentiles and max of sample lengths (empty: zeros)."""
+    if len(lengths) == 0:
+        return {"min": 0, "mean": 0.0, **{f"p{p}": 0 for p in PERCENTILES}, "max": 0}
+    return {
+        "min": int(lengths.min()),
+        "mean": round(float(lengths.mean()), 1),
+        **{f"p{p}": int(np.percentile(lengths, p, method="closest_observation")) for p in PERCENTILES},
+        "max": int(lengths.max()),
+    }
+
+
+def packing_summary(lengths: np.ndarray, capacity: int) -> dict[str, Any]:
+    """How ``sample_packing`` would pack these samples into rows of ``capacity`` tokens."""
+    if len(lengths) == 0:
+        return {"rows": 0, "samples": 0, "tokens": 0, "capacity": capacity, "fill": 0.0}
+    bins = pack_sequences(lengths.tolist(), capacity)
+    stats = PackingStats.from_bins(bins, lengths.tolist(), capacity)
+    return {"rows": stats.rows, "samples": stats.samples, "tokens": stats.tokens, "capacity": capacity,
+            "fill": round(stats.fill, 4)}
+
+
+def split_summary(rows: TokenizedRows) -> dict[str, Any]:
+    return {
+        "rows": len(rows),
+        "tokens": int(rows.lengths.sum()),
+        "label_tokens": int(rows.scored_counts().sum()),
+    }
+
+
+def format_summary(report: dict[str, Any], sample_packing: bool) -> list[str]:
+    """The report as a few readable lines."""
+    lines = ["datasets:"]
+    for number, entry in enumerate(report["datasets"], start=1):
+        taken = f", {entry['rows_taken']:,} taken" if entry["rows_taken"] != entry["rows_read"] else ""
+        lines.append(
+            f"  {number}. {entry['path']} (type {entry['type']}, split {entry['split']}): {entry['rows_read']:,} "
+            f"read{taken} -> {entry['train_rows']:,} train + {entry['val_rows']:,} val; dropped "
+            f"{entry['dropped_too_long']:,} too long, {entry['dropped_no_labels']:,} with nothing to train; "
+            f"truncated {entry['truncated']:,}"
+        )
+    train, val = report["train"], report["val"]
+    share = 100 * train["label_tokens"] / max(train["tokens"], 1)
+    lines.append(
+        f"train: {train['rows']:,} rows, {train['tokens']:,} tokens, {train['label_tokens']:,} trained ({share:.1f}%)"
+    )
+    if val["rows"]:
+        lines.append(f"val:   {val['rows']:,} rows, {val['tokens']:,} tokens, {val['label_tokens']:,} trained")
+    lengths = report["lengths"]
+    lines.append(
+        f"lengths as tokenized: min {lengths['min']}, median {lengths['p50']}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
+        f"max {lengths['max']} (sequence_len {report['sequence_len']}, over it: {report['excess_length_strategy']})"
+    )
+    packing = report["packing"]
+    state = "on" if sample_packing else "off; if on"
+    lines.append(
+        f"packing ({state}): {packing['samples']:,} samples -> {packing['rows']:,} rows of {packing['capacity']} "
+        f"tokens, fill {100 * packing['fill']:.1f}%"
+    )
+    return lines
+
+
+def write_histogram(lengths: np.ndarray, sequence_len: int, path: Path) -> None:
+    """A histogram (PNG) of sample lengths before the length rule, with ``sequence_len`` marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if len(lengths):
+        low, high = int(lengths.min()), int(lengths.max())
+        edges = np.arange(low, high + 2) - 0.5 if high - low < 60 else np.linspace(low, high, 61)
+        counts, edges = np.histogram(lengths, bins=edges)
+        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
+    ax.axvline(sequence_len, color="tab:red", linestyle="--", label=f"sequence_len {sequence_len}")
+    ax.set_xlabel("tokens per sample, as tokenized (train + val)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,145 @@
+"""Tokenized samples held as flat arrays, read by the training loop as a sequence of row dicts.
+
+Why flat arrays: a million samples as Python lists of ints cost gigabytes and minutes to save and load.
+Here ``input_ids`` and ``labels`` are two int32 arrays with row ``offsets`` beside them: length
+filtering, truncation and statistics are vectorised, the cache is two Arrow columns written in one go
+and memory-mapped on load, and ``rows[i]`` still gives the loop ``{"input_ids": [...], "labels": [...]}``.
+
+The cache files are Arrow IPC streams with ``input_ids`` and ``labels`` list columns, the layout
+``datasets`` writes, so ``datasets.Dataset.from_file("train.arrow")`` reads one without axlora.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+class TokenizedRows(Sequence):
+    """Samples ``i`` = ``input_ids[offsets[i]:offsets[i+1]]`` (and the same slice of ``labels``).
+
+    ``origin`` (optional, not saved) tells which ``datasets`` entry each row came from, for the report.
+    """
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, origin: np.ndarray | None = None):
+        if len(input_ids) != len(labels) or offsets[-1] != len(input_ids):
+            raise ValueError("input_ids, labels and offsets do not line up")
+        self.input_ids = input_ids
+        self.labels = labels
+        self.offsets = offsets
+        self.origin = origin
+
+    @classmethod
+    def empty(cls) -> TokenizedRows:
+        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
+
+    @classmethod
+    def from_lists(cls, rows: Sequence[dict[str, Sequence[int]]]) -> TokenizedRows:
+        """From ``{"input_ids", "labels"}`` dicts (tests, small data)."""
+        lengths = np.array([len(r["input_ids"]) for r in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        ids = np.array([t for r in rows for t in r["input_ids"]], dtype=np.int32)
+        labels = np.array([t for r in rows for t in r["labels"]], dtype=np.int32)
+        return cls(ids, labels, offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenizedRows]) -> TokenizedRows:
+        if not parts:
+            return cls.empty()
+        sizes = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, sizes, strict=True)])
+        origins = [p.origin for p in parts]
+        return cls(
+            np.concatenate([p.input_ids for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+            offsets.astype(np.int64),
+            None if any(o is None for o in origins) else np.concatenate(origins),
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return {"input_ids": self.input_ids[start:end].tolist(), "labels": self.labels[start:end].tolist()}
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def positions(self) -> np.ndarray:
+        """Position of every token within its row (0 at each row start)."""
+        return np.arange(len(self.input_ids), dtype=np.int64) - np.repeat(self.offsets[:-1], self.lengths)
+
+    def scored_counts(self) -> np.ndarray:
+        """Label tokens per row that a causal LM loss scores: not -100 and not at position 0."""
+        scored = (self.labels != IGNORE_INDEX) & (self.positions() > 0)
+        rows = np.repeat(np.arange(len(self)), self.lengths)
+        return np.bincount(rows, weights=scored, minlength=len(self)).astype(np.int64)
+
+    def select(self, keep: np.ndarray) -> TokenizedRows:
+        """The rows where ``keep`` (a boolean per row) is true, in order."""
+        lengths = self.lengths[keep]
+        token_keep = np.repeat(keep, self.lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        origin = None if self.origin is None else self.origin[keep]
+        return TokenizedRows(self.input_ids[token_keep], self.labels[token_keep], offsets, origin)
+
+    def truncated(self, max_length: int) -> TokenizedRows:
+        """Every row cut to its first ``max_length`` tokens."""
+        token_keep = self.positions() < max_length
+        lengths = np.minimum(self.lengths, max_length)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return TokenizedRows(self.input_ids[token_keep], self.labels[token_keep], offsets, self.origin)
+
+    def save(self, path: Path) -> None:
+        """Write an Arrow IPC stream with ``input_ids`` and ``labels`` list columns."""
+        import pyarrow as pa
+
+        offsets = _arrow(self.offsets, pa.int64())
+        table = pa.Table.from_arrays(
+            [pa.LargeListArray.from_arrays(offsets, _arrow(self.input_ids, pa.int32())),
+             pa.LargeListArray.from_arrays(offsets, _arrow(self.labels, pa.int32()))],
+            names=["input_ids", "labels"],
+        )
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenizedRows:
+        """Read what ``save`` wrote, memory-mapped (no copy of the token arrays)."""
+        import pyarrow as pa
+
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        if table.num_rows == 0:
+            return cls.empty()
+        ids_column = table.column("input_ids").combine_chunks()
+        labels_column = table.column("labels").combine_chunks()
+        offsets = ids_column.offsets.to_numpy()
+        base = offsets[0]
+        ids = ids_column.values.to_numpy()[base:offsets[-1]]
+        labels = labels_column.values.to_numpy()[labels_column.offsets.to_numpy()[0]:][: len(ids)]
+        return cls(ids, labels, (offsets - base).astype(np.int64))
+
+
+def _arrow(values: np.ndarray, kind):
+    """A numpy array as an Arrow array without a copy (``pa.array`` would also import pandas to check types)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=kind.to_pandas_dtype())
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(values)])

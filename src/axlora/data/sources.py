@@ -1,0 +1,254 @@
+"""Where rows come from: local files and directories, or Hugging Face datasets; then ``split`` and ``sample``.
+
+Local files are read here rather than through ``datasets.load_dataset``: a bad row can then be named
+by file and line, nothing is written to the Hugging Face cache, and JSON Lines parse once instead of
+twice. Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
+text, as a format expects), .arrow (Arrow IPC, as ``datasets`` saves), .txt (one ``text`` row per line);
+``ds_type`` names the format of files whose suffix does not.
+
+``split`` works as in ``datasets``: local files hold one split, ``train``, and a slice takes part of it
+(``train[:20%]``, ``train[100:600]``, ``train[-10%:]``; percentages round to the closest row). A dataset's
+``sample`` then takes a random subset, drawn with ``seed`` and the dataset's path, so it is the same every
+run and does not change when other datasets are added.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axlora.config.schema import DatasetConfig
+from axlora.errors import UserError
+
+SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+_SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+%?)?\])?$")
+
+
+@dataclass
+class Source:
+    """The rows of one ``datasets`` entry after ``split`` and ``sample``, and how to name where each came from."""
+
+    rows: list[dict[str, Any]]
+    positions: list[int]
+    """Index of each row in the whole source (all files concatenated), before slicing and sampling."""
+    rows_read: int
+    """Rows the source holds, before ``split`` slicing and ``sample``."""
+    files: list[Path] = field(default_factory=list)
+    _locator: Callable[[int], str] | None = None
+
+    def where(self, position: int) -> str:
+        """``file:line: row N`` (or ``file: row N``) of the row at ``position``, for error messages."""
+        return self._locator(position) if self._locator else f"row {position + 1}"
+
+
+def local_files(dataset: DatasetConfig) -> list[Path]:
+    """The local files a dataset entry reads (empty for a Hub dataset); errors name the path."""
+    path = Path(dataset.path)
+    if not path.exists():
+        if path.is_absolute() or dataset.path.startswith((".", "~")) or path.suffix in SUFFIX_TYPES:
+            raise UserError(f"{dataset.path}: dataset file or directory not found.")
+        return []  # a Hugging Face dataset name
+    if path.is_file():
+        files = [path]
+    elif dataset.data_files is not None:
+        patterns = [dataset.data_files] if isinstance(dataset.data_files, str) else dataset.data_files
+        files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
+        if not files:
+            raise UserError(f"{path}: no files match data_files {patterns}.")
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIX_TYPES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise UserError(
+                f"{path}: no data files in this directory (.jsonl, .json, .parquet, .csv, .arrow, .txt)."
+            )
+    for file in files:
+        _file_type(file, dataset)
+        try:
+            with open(file, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise UserError(f"{file}: cannot read the data file ({exc.strerror or exc}).") from None
+    return files
+
+
+def load_source(dataset: DatasetConfig, seed: int) -> Source:
+    """Read one ``datasets`` entry, apply its ``split`` slice and ``sample``."""
+    files = local_files(dataset)
+    source = _read_local(dataset, files) if files else _read_hub(dataset)
+    if files:
+        start, stop = split_range(dataset.split, source.rows_read, where=dataset.path)
+        source.rows, source.positions = source.rows[start:stop], list(range(start, stop))
+    if dataset.sample is not None:
+        count = sample_count(dataset.sample, len(source.rows))
+        picked = sorted(random.Random(f"{seed}:{dataset.path}").sample(range(len(source.rows)), count))
+        source.rows = [source.rows[i] for i in picked]
+        source.positions = [source.positions[i] for i in picked]
+    return source
+
+
+def sample_count(sample: float, available: int) -> int:
+    """Rows ``sample`` takes: a fraction (<1) of ``available``, or a count (>=1) capped at it."""
+    if sample < 1:
+        return int(round(sample * available))
+    if sample != int(sample):
+        raise UserError(f"sample: a row count must be a whole number (or a fraction below 1), got {sample}.")
+    return min(int(sample), available)
+
+
+def split_range(split: str, total: int, where: str) -> tuple[int, int]:
+    """Row range of a local split spec (``train``, ``train[:20%]``, ``train[10:-10]``) over ``total`` rows."""
+    match = _SPLIT_RE.match(split.replace(" ", ""))
+    if match is None:
+        raise UserError(f"{where}: split '{split}' is not a split name with an optional slice, like train[:20%].")
+    if match["split"] != "train":
+        raise UserError(
+            f"{where}: local files hold one split, 'train'; got '{match['split']}' (use a slice: train[:90%])."
+        )
+
+    def bound(text: str | None, default: int) -> int:
+        if text is None:
+            return default
+        value = int(round(int(text[:-1]) * total / 100)) if text.endswith("%") else int(text)
+        return max(total + value, 0) if value < 0 else min(value, total)
+
+    start, stop = bound(match["from"], 0), bound(match["to"], total)
+    return start, max(start, stop)
+
+
+def _file_type(path: Path, dataset: DatasetConfig) -> str:
+    kind = dataset.ds_type or SUFFIX_TYPES.get(path.suffix)
+    if kind is None:
+        raise UserError(
+            f"{path}: unknown file type '{path.suffix}'; use .jsonl, .json, .parquet, .csv, .arrow or .txt, "
+            "or set ds_type."
+        )
+    return kind
+
+
+def _read_local(dataset: DatasetConfig, files: list[Path]) -> Source:
+    rows: list[dict[str, Any]] = []
+    starts: list[int] = []
+    lines: list[list[int] | None] = []
+    for file in files:
+        starts.append(len(rows))
+        kind = _file_type(file, dataset)
+        file_rows, file_lines = READERS[kind](file)
+        rows.extend(file_rows)
+        lines.append(file_lines)
+
+    def locate(position: int) -> str:
+        k = bisect_right(starts, position) - 1
+        local = position - starts[k]
+        line_numbers = lines[k]
+        if line_numbers is not None:
+            return f"{files[k]}:{line_numbers[local]}: row {local + 1}"
+        return f"{files[k]}: row {local + 1}"
+
+    return Source(rows, list(range(len(rows))), len(rows), files, locate)
+
+
+def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """JSON Lines (one object per line) or a JSON array of objects; errors name the line."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
+        for index, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise UserError(f"{path}: row {index + 1}: expected a JSON object, got {type(item).__name__}.")
+        return data, None
+    rows, numbers = [], []
+    decode = json.JSONDecoder().decode
+    # split on newlines only: JSON strings may hold U+2028, which str.splitlines() would also split on
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = decode(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}.")
+        rows.append(value)
+        numbers.append(number)
+    return rows, numbers
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    rows, numbers = [], []
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.DictReader(handle)
+        start = 2
+        try:
+            for row in reader:
+                rows.append({k: v for k, v in row.items() if k is not None})
+                numbers.append(start)
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV: {exc}.") from None
+    return rows, numbers
+
+
+def _read_text(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    return [{"text": line} for line in lines], list(range(1, len(lines) + 1))
+
+
+def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist(), None
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
+        raise UserError(f"{path}: cannot read Parquet: {exc}") from None
+
+
+def _read_arrow(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                table = pa.ipc.open_stream(source).read_all()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                table = pa.ipc.open_file(source).read_all()
+        return table.to_pylist(), None
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read Arrow: {exc}") from None
+
+
+READERS: dict[str, Callable[[Path], tuple[list[dict[str, Any]], list[int] | None]]] = {
+    "json": _read_json, "csv": _read_csv, "text": _read_text, "parquet": _read_parquet, "arrow": _read_arrow,
+}
+
+
+def _read_hub(dataset: DatasetConfig) -> Source:
+    """A Hugging Face dataset by name, through ``datasets.load_dataset`` (which applies ``split`` itself)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    kwargs = {"name": dataset.name, "data_files": dataset.data_files, "revision": dataset.revision}
+    try:
+        loaded = datasets.load_dataset(dataset.path, split=dataset.split, **{k: v for k, v in kwargs.items() if v})
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{dataset.path}: cannot read split '{dataset.split}': {exc}") from None
+    except Exception as exc:  # datasets raises many kinds (network, missing files, ...): name the dataset
+        raise UserError(f"{dataset.path}: cannot load the dataset: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loaded, datasets.Dataset):
+        raise UserError(f"{dataset.path}: split '{dataset.split}' is not a single split.")
+    rows = loaded.to_list()
+    split = dataset.split
+    return Source(rows, list(range(len(rows))), len(rows), [], lambda i: f"{dataset.path} ({split}): row {i + 1}")

@@ -1,0 +1,47 @@
+"""``group_by_length``: batch rows of similar length together, so unpacked batches carry less padding.
+
+The order stays a pure function of (seed, epoch, row lengths), like ``StepSchedule``'s, so a resumed run
+sees the rows the uninterrupted run would. Each epoch is shuffled as usual, cut into mega-batches of
+``MEGA_BATCH_STEPS`` steps, and each mega-batch is sorted longest first (the recipe of transformers'
+``LengthGroupedSampler``): every step then holds rows of similar length, steps still come in random
+order across mega-batches, and every row is seen once per epoch. With ``sample_packing`` rows are already
+full, so grouping is not applied (as in Axolotl).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from axlora.config.schema import Config
+from axlora.train.schedule import StepSchedule
+
+MEGA_BATCH_STEPS = 50
+
+
+@dataclass(frozen=True)
+class LengthGroupedSchedule(StepSchedule):
+    lengths: tuple[int, ...] = ()
+
+    @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
+    def _order(self, epoch: int) -> tuple[int, ...]:
+        shuffled = super()._order(epoch)
+        size = self.rows_per_step * MEGA_BATCH_STEPS
+        grouped: list[int] = []
+        for start in range(0, len(shuffled), size):
+            grouped += sorted(shuffled[start:start + size], key=lambda row: -self.lengths[row])
+        return tuple(grouped)
+
+
+def build_schedule(config: Config, rows, world_size: int) -> StepSchedule:
+    """The step schedule for ``rows``: length-grouped when ``group_by_length`` (and not packing)."""
+    common = dict(
+        num_rows=len(rows),
+        micro_batch_size=config.micro_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        world_size=world_size,
+        seed=config.seed,
+    )
+    if config.group_by_length and not config.sample_packing:
+        return LengthGroupedSchedule(**common, lengths=tuple(len(row["input_ids"]) for row in rows))
+    return StepSchedule(**common)
