@@ -19,6 +19,11 @@ def _isolated_cache(tmp_path_factory):
     os.environ["AXLORA_CACHE"] = str(tmp_path_factory.mktemp("axlora-cache"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tiny models run fastest on one thread; more threads only contend on a small CI machine
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

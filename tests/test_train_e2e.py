@@ -81,16 +81,6 @@ def test_adapter_loads_in_plain_peft_and_changes_outputs(trained_run, tiny_model
     assert (after - before).abs().max() > 1e-4
 
 
-def test_preprocess_reports_and_hits_cache(make_config):
-    path = make_config()
-    first = run_cli("preprocess", str(path))
-    assert first.returncode == 0, first.stderr
-    report = json.loads(first.stdout[first.stdout.index("{"):])
-    assert report["train_rows"] == 96 and report["train_label_tokens"] > 0
-    second = run_cli("preprocess", str(path))
-    assert "cache hit" in second.stdout
-
-
 def test_bad_data_row_exits_2_naming_file_and_line(make_config, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n')

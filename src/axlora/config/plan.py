@@ -41,7 +41,7 @@ def describe_plan(config: Config) -> str:
             raise UserError(f"datasets: '{dataset.path}' not found.")
         rows = count_local_rows(dataset)
         where = "local" if path.exists() else "Hugging Face Hub"
-        lines.append(f"dataset: {dataset.path} ({where}, type {dataset.type}, split {dataset.split}"
+        lines.append(f"dataset: {dataset.path} ({where}, type {dataset.type or 'pre-tokenized'}, split {dataset.split}"
                      + (f", {rows} rows)" if rows is not None else ")"))
         total_rows = None if rows is None or total_rows is None else total_rows + rows
     per_step = config.effective_batch_per_process()

@@ -91,7 +91,7 @@ def run_training(config: Config, log=print) -> RunResult:
     trainable, total = _count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
 
-    prompts = sample_prompt_texts(config)
+    prompts = sample_prompt_texts(config, tokenizer)
     samples_before = generate_samples(model, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
 
     schedule = build_schedule(config, train_rows, accelerator.num_processes)

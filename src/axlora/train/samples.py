@@ -37,7 +37,9 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     try:
         with torch.no_grad():
             for prompt in prompts:
-                ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+                # a chat template writes its own BOS; adding another would shift what the model sees
+                has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+                ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
                 generated = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
