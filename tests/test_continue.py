@@ -25,16 +25,6 @@ pytestmark = pytest.mark.slow
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_run():
-    """The CLI runs of this module use one torch thread: on 32-wide layers a thread pool only adds
-    overhead, and it spins when other processes share the cores (40 steps: 60 s -> 2 s on a busy machine)."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    patch.undo()
-
-
 def write_config(directory: Path, tiny_model_dir: Path, alpaca_file: Path, **overrides) -> Path:
     """A tiny-model config (as conftest's ``make_config``) usable from module-scoped fixtures."""
     data = {

@@ -30,16 +30,6 @@ from conftest import REPO, run_cli
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_run():
-    """The CLI runs of this module use one torch thread: on 32-wide layers a thread pool only adds
-    overhead, and it spins when other processes share the cores (40 steps: 60 s -> 2 s on a busy machine)."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    patch.undo()
-
-
 def write_config(path: Path, tiny_model_dir: Path, alpaca_file: Path, **overrides) -> Path:
     """40 steps of 2 rows, a checkpoint every 5; dropout > 0 so a resume must restore the RNG to be exact."""
     data = {

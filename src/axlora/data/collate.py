@@ -148,22 +148,29 @@ def _fill(rows: Sequence[Row], key: str, length: int, pad_value: int) -> torch.T
 
 
 @dataclass(frozen=True)
-class PaddedCollator:
-    """Right-pads unpacked examples; pads get ``attention_mask`` 0 and label -100.
-
-    ``position_ids`` are ``0..L-1`` on every row (what the model would compute itself); with an
-    ``attention_mask`` given, transformers does not look for packing, so pad positions are harmless.
-    """
+class _Collator:
+    """The padding settings both collators share (see ``_PadPolicy``)."""
 
     pad_token_id: int | None = 0
     pad_to_multiple_of: int | None = None
     sequence_len: int | None = None
     pad_to_sequence_len: bool = False
 
+    def target_length(self, lengths: Sequence[int]) -> int:
+        return _PadPolicy(self.pad_to_multiple_of, self.sequence_len, self.pad_to_sequence_len).target_length(lengths)
+
+
+@dataclass(frozen=True)
+class PaddedCollator(_Collator):
+    """Right-pads unpacked examples; pads get ``attention_mask`` 0 and label -100.
+
+    ``position_ids`` are ``0..L-1`` on every row (what the model would compute itself); with an
+    ``attention_mask`` given, transformers does not look for packing, so pad positions are harmless.
+    """
+
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         lengths = _row_lengths(rows)
-        policy = _PadPolicy(self.pad_to_multiple_of, self.sequence_len, self.pad_to_sequence_len)
-        length = policy.target_length(lengths)
+        length = self.target_length(lengths)
         labels = _fill(rows, "labels", length, IGNORE_INDEX)
         attention_mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
         return {
@@ -212,7 +219,7 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class PackedCollator:
+class PackedCollator(_Collator):
     """Batches packed rows (``input_ids``, ``labels``, ``position_ids``) with no cross-sample attention.
 
     Returns ``input_ids``, ``labels``, ``position_ids`` (``(batch, L)`` int64), ``cu_seq_lens_q``,
@@ -220,15 +227,9 @@ class PackedCollator:
     (int). There is deliberately no ``attention_mask``: see the module docstring.
     """
 
-    pad_token_id: int | None = 0
-    pad_to_multiple_of: int | None = None
-    sequence_len: int | None = None
-    pad_to_sequence_len: bool = False
-
     def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
         lengths = _row_lengths(rows)
-        policy = _PadPolicy(self.pad_to_multiple_of, self.sequence_len, self.pad_to_sequence_len)
-        length = policy.target_length(lengths)
+        length = self.target_length(lengths)
         position_ids = _packed_position_ids(rows, lengths, length)
         _check_positions(position_ids)
         labels = _fill(rows, "labels", length, IGNORE_INDEX)
