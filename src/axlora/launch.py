@@ -34,6 +34,12 @@ class LaunchPlan:
     main_process_ip: str | None
     main_process_port: int
     use_gpus: bool
+    deepspeed: str | None = None
+
+    @property
+    def in_process(self) -> bool:
+        """One plain process trains right here; DeepSpeed always runs under the launcher (it needs one)."""
+        return self.world_size == 1 and self.deepspeed is None
 
     @property
     def world_size(self) -> int:
@@ -58,14 +64,30 @@ def plan_launch(config: Config) -> LaunchPlan:
             f"machine_rank: {config.machine_rank} is out of range for num_machines {config.num_machines} "
             f"(ranks are 0..{config.num_machines - 1})."
         )
-    return LaunchPlan(
+    plan = LaunchPlan(
         num_processes=num_processes,
         num_machines=config.num_machines,
         machine_rank=config.machine_rank,
         main_process_ip=config.main_process_ip,
         main_process_port=config.main_process_port,
         use_gpus=gpus > 0,
+        deepspeed=config.deepspeed,
     )
+    if config.deepspeed:
+        _check_deepspeed(config, plan)
+    return plan
+
+
+def _check_deepspeed(config: Config, plan: LaunchPlan) -> None:
+    """Everything about the ``deepspeed`` key that can fail, checked before a worker starts."""
+    from axlora.deepspeed_config import load_deepspeed_setup, require_deepspeed
+    from axlora.train.precision import choose_precision
+
+    require_deepspeed()
+    setup = load_deepspeed_setup(config, plan.world_size, choose_precision(config).name)
+    if setup.offloads_optimizer and not plan.use_gpus:
+        raise UserError(f"deepspeed: {setup.source} offloads the optimizer to the CPU, which only means something "
+                        "with GPUs; on this CPU-only machine use zero2 or zero3.")
 
 
 def accelerate_command(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
@@ -97,7 +119,7 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
         run_training(config)
         return 0
     plan = plan_launch(config)
-    if plan.world_size == 1:
+    if plan.in_process:
         from axlora.train.loop import run_training
 
         run_training(config)

@@ -155,7 +155,8 @@ NO_OP: dict[str, NoOp] = {
 _RL = "axlora does supervised LoRA fine-tuning; RL and preference training (DPO, IPO, KTO, ORPO, SimPO, GRPO) is not supported"
 _MULTIMODAL = "multimodal (image/audio) training is not supported; axlora trains text-only causal language models"
 _FULL_FT = "axlora trains LoRA adapters, not full or partial fine-tuning of the base weights"
-_PARALLEL = "this axlora version does not shard models across GPUs (DeepSpeed, FSDP, tensor/context parallelism)"
+_PARALLEL = ("axlora shards models with DeepSpeed ZeRO only (deepspeed: zero3 or zero3_offload shards the base "
+             "model across GPUs); FSDP and tensor/context parallelism are not supported")
 _SCHEDULE = "axlora's learning-rate schedule is lr_scheduler plus warm-up only"
 _EVALS = "axlora reports eval_loss only; run benchmarks (lm-eval) on the merged model"
 _TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrated; metrics are also in logs/metrics.jsonl"
@@ -185,9 +186,9 @@ REJECTED: dict[str, Rejected] = {
     ),
     **_rejected(
         _PARALLEL,
-        "deepspeed", "deepcompile", "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type",
+        "deepcompile", "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type",
         "dp_shard_size", "dp_replicate_size", "tensor_parallel_size", "context_parallel_size",
-        "sequence_parallel_degree", "heads_k_stride", "ring_attn_func", "ddp_timeout", "qlora_sharded_model_loading",
+        "sequence_parallel_degree", "heads_k_stride", "ring_attn_func", "qlora_sharded_model_loading",
         "fp8_enable_fsdp_float8_all_gather",
     ),
     **_rejected(

@@ -260,6 +260,8 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
                                           and key != "tokenizer_config")
     if config.chat_template_jinja and looks_like_template_file(config.chat_template_jinja):
         updates["chat_template_jinja"] = _resolve_local(config.chat_template_jinja, config_dir, must_be_local=True)
+    if config.deepspeed and config.deepspeed.endswith(".json"):
+        updates["deepspeed"] = _resolve_local(config.deepspeed, config_dir, must_be_local=True)
     if config.resume_from_checkpoint not in (None, "auto"):
         updates["resume_from_checkpoint"] = _resolve_local(config.resume_from_checkpoint, config_dir, True)
     datasets = [

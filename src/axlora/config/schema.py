@@ -634,7 +634,7 @@ class HubSettings(_Strict):
 
 
 class HardwareSettings(_Strict):
-    """How many processes and machines train (data parallel: each process holds the whole model)."""
+    """How many processes and machines train, and how the model is sharded across them (DeepSpeed ZeRO)."""
 
     num_processes: int | None = Field(
         default=None, gt=0, description="Processes per machine (default: every visible GPU, else 1)."
@@ -644,6 +644,20 @@ class HardwareSettings(_Strict):
     main_process_ip: str | None = Field(default=None, description="Address of the rank-0 machine (multi-node).")
     main_process_port: int = Field(default=29500, gt=0, lt=65536, description="Port of the rank-0 machine.")
     ddp_timeout: int = Field(default=1800, gt=0, description="Seconds a process waits for the others (NCCL/gloo).")
+    deepspeed: str | None = Field(
+        default=None,
+        description="DeepSpeed ZeRO: a shipped preset (zero1, zero2, zero3, zero3_offload) or the path of a "
+        "DeepSpeed JSON config; batch size, accumulation, clipping and precision come from this YAML.",
+    )
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_preset_or_json(cls, value: str | None) -> str | None:
+        from axlora.deepspeed_config import PRESETS
+
+        if value is None or value in PRESETS or value.endswith(".json"):
+            return value
+        raise ValueError(f"'{value}' is neither a shipped preset{_suggest(value, PRESETS)} nor a .json file")
 
 
 class Config(

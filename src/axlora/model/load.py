@@ -294,7 +294,7 @@ def require_attention_support(config: Config, implementation: str) -> None:
 
 def resize_embeddings(model, vocab_size: int, config: Config, log: Callable[[str], None] = print) -> None:
     """Grow the embeddings to the tokenizer's size (or shrink them with ``shrink_embeddings``)."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = _embedding_rows(model)
     if vocab_size <= rows and not (config.shrink_embeddings and vocab_size < rows):
         return
     model.resize_token_embeddings(
@@ -302,8 +302,13 @@ def resize_embeddings(model, vocab_size: int, config: Config, log: Callable[[str
         pad_to_multiple_of=32 if config.resize_token_embeddings_to_32x else None,
         mean_resizing=config.mean_resizing_embeddings,
     )
-    new_rows = model.get_input_embeddings().weight.shape[0]
-    log(f"model: embeddings resized from {rows} to {new_rows} rows for the tokenizer's {vocab_size} tokens")
+    log(f"model: embeddings resized from {rows} to {_embedding_rows(model)} rows for the tokenizer's {vocab_size} tokens")
+
+
+def _embedding_rows(model) -> int:
+    # the module's size, not weight.shape: under DeepSpeed ZeRO-3 the weight is a (possibly empty) slice
+    embeddings = model.get_input_embeddings()
+    return getattr(embeddings, "num_embeddings", None) or embeddings.weight.shape[0]
 
 
 def _transformers_class(name: str, key: str):

@@ -45,9 +45,10 @@ class ResumeKey:
     world_size: int
     sample_packing: bool
     seed: int
+    zero_stage: int | None = None  # DeepSpeed partitions the optimizer state per rank and stage
 
     @classmethod
-    def for_run(cls, config: Config, data_fingerprint: str, world_size: int) -> ResumeKey:
+    def for_run(cls, config: Config, data_fingerprint: str, world_size: int, zero_stage: int | None) -> ResumeKey:
         return cls(
             data_fingerprint=data_fingerprint,
             datasets=[_describe_dataset(d) for d in config.datasets],
@@ -59,6 +60,7 @@ class ResumeKey:
             world_size=world_size,
             sample_packing=config.sample_packing,
             seed=config.seed,
+            zero_stage=zero_stage,
         )
 
     def differences(self, other: dict[str, Any]) -> list[str]:
@@ -78,7 +80,7 @@ class ResumeKey:
         return lines
 
 
-_KEY_LABELS = {"world_size": "number of processes (world size)"}
+_KEY_LABELS = {"world_size": "number of processes (world size)", "zero_stage": "DeepSpeed ZeRO stage"}
 # Settings an exact resume takes from the checkpoint's optimizer and scheduler state, not from the YAML.
 _OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "warmup_ratio", "optimizer", "weight_decay",
                    "adam_beta1", "adam_beta2", "adam_epsilon")
@@ -122,8 +124,8 @@ def save_checkpoint(
     output_dir: Path,
     step: int,
     *,
+    parallel,
     save_adapter,
-    optimizer,
     scheduler,
     config: Config,
     resume_key: ResumeKey,
@@ -133,27 +135,48 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically, then prune the oldest beyond ``save_total_limit``.
 
-    ``best_adapter`` (the weights of the best evaluation so far, for early stopping) travels with the
-    checkpoint so a resumed run still ends with the best adapter, even one from before the interruption.
+    Called on every rank. Each rank first stages what only it holds (its RNG state and, under DeepSpeed
+    ZeRO, its partition of the optimizer state) as ``rank-R.pt``; the main process then writes the rest
+    and publishes everything with one rename, so a checkpoint is whole for all ranks or absent. (On
+    several machines ``output_dir`` must therefore be on a shared filesystem.) ``best_adapter`` (the
+    weights of the best evaluation so far, for early stopping) travels with the checkpoint so a resumed run
+    still ends with the best adapter, even one from before the interruption.
     """
     import torch
     from safetensors.torch import save_file
 
     target = output_dir / "checkpoints" / f"step-{step}"
-    with atomic_directory(target) as tmp:
-        save_adapter(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng_state.pt")
-        if best_adapter is not None:
-            save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
-        write_resolved_config(config, tmp / RESOLVED_CONFIG)
-        state = {"step": step, "resume_key": asdict(resume_key), **extra_state}
-        # written last inside the temporary dir; the rename publishes the whole checkpoint at once
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    if save_total_limit:
-        for old in complete_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    staging = output_dir / "checkpoints" / f".step-{step}.tmp-ranks"
+    per_rank = parallel.world_size > 1 or parallel.sharded_optimizer
+    if per_rank:
+        staging.mkdir(parents=True, exist_ok=True)
+        mine = {"rng": rng_state()}
+        if parallel.sharded_optimizer:
+            mine["optimizer"] = parallel.optimizer_state()
+        torch.save(mine, staging / f"rank-{parallel.rank}.pt")
+    parallel.barrier()
+    with parallel.gathered_adapter():
+        if parallel.is_main:
+            with atomic_directory(target) as tmp:
+                save_adapter(tmp)
+                if not parallel.sharded_optimizer:
+                    torch.save(parallel.optimizer_state(), tmp / "optimizer.pt")
+                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng_state(), tmp / "rng_state.pt")
+                if per_rank:
+                    for rank in range(parallel.world_size):
+                        (staging / f"rank-{rank}.pt").rename(tmp / f"rank-{rank}.pt")
+                if best_adapter is not None:
+                    save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
+                write_resolved_config(config, tmp / RESOLVED_CONFIG)
+                state = {"step": step, "resume_key": asdict(resume_key), **extra_state}
+                # written last inside the temporary dir; the rename publishes the whole checkpoint at once
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            shutil.rmtree(staging, ignore_errors=True)
+            if save_total_limit:
+                for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
     return target
 
 
@@ -274,12 +297,18 @@ def remove_unfinished_saves(output_dir: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def load_training_state(path: Path, optimizer, scheduler) -> None:
+def load_training_state(path: Path, parallel, scheduler) -> None:
+    """Optimizer, scheduler and this rank's RNG state; RNG last, so nothing after it draws from the RNG."""
     import torch
 
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    rank_file = path / f"rank-{parallel.rank}.pt"
+    mine = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
+    if parallel.sharded_optimizer:
+        parallel.load_optimizer_state(mine["optimizer"])
+    else:
+        parallel.load_optimizer_state(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    restore_rng_state(torch.load(path / "rng_state.pt", weights_only=False))
+    restore_rng_state(mine.get("rng") or torch.load(path / "rng_state.pt", weights_only=False))
 
 
 def load_best_adapter(path: Path) -> dict | None:

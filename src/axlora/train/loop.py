@@ -15,7 +15,6 @@ import math
 import platform
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from axlora.train.integrations import start_integrations
 from axlora.train.length_groups import build_schedule
 from axlora.train.metrics import MetricsLog
 from axlora.train.optim import build_optimizer, build_scheduler, resolve_optimizer
+from axlora.train.parallel import build_parallel, check_complete, deepspeed_setup, make_accelerator
 from axlora.train.precision import choose_precision
 from axlora.train.progress import Progress
 from axlora.train.samples import generate_samples, sample_prompt_texts
@@ -51,20 +51,20 @@ def run_training(config: Config, log=print) -> RunResult:
     _check_eval_settings(config)
     plan = plan_adapter(config)
     require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     output_dir = Path(config.output_dir)
     precision = choose_precision(config)
     optimizer_cls, optimizer_kwargs = resolve_optimizer(config)
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
-    )
+    deepspeed = deepspeed_setup(config, precision.name)
+    accelerator = make_accelerator(config, precision.mixed_precision, deepspeed)
+    zero_stage = deepspeed.stage if deepspeed else None
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda *_: None)
+    if deepspeed:
+        for note in deepspeed.notes:
+            say(f"note: {note}")
+        say(f"deepspeed: ZeRO stage {zero_stage} ({deepspeed.source}) on {accelerator.num_processes} process(es)")
     integrations = start_integrations(config, log=say, enabled=is_main)
 
     # ---- setup: data, resume check, model -----------------------------------------------------------
@@ -73,7 +73,7 @@ def run_training(config: Config, log=print) -> RunResult:
     with accelerator.main_process_first():  # one rank prepares, the others then read its cache
         prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), say)
     _check_val_rows(config, prepared)
-    resume_key = ckpt.ResumeKey.for_run(config, prepared.fingerprint, accelerator.num_processes)
+    resume_key = ckpt.ResumeKey.for_run(config, prepared.fingerprint, accelerator.num_processes, zero_stage)
     # refused before the model loads: a changed dataset or batch shape costs seconds, not minutes
     state = ckpt.read_checkpoint_state(resume_from, resume_key) if resume_from is not None else None
     if is_main:
@@ -86,13 +86,14 @@ def run_training(config: Config, log=print) -> RunResult:
 
     set_seed(config.seed)
     model = load_base_model(config, precision.torch_dtype, tokenizer=tokenizer, log=say)
+    # seeded again: the LoRA's initial weights must not depend on what loading drew from the RNG
+    # (DeepSpeed ZeRO-3 loads the base partitioned, which draws differently)
+    set_seed(config.seed)
     model = attach_adapter(model, config, plan, say)
     run_config = _config_as_trained(config, model, plan)
     trainable, total = _count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
 
-    prompts = sample_prompt_texts(config, tokenizer)
-    samples_before = generate_samples(model, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
 
     schedule = build_schedule(config, train_rows, accelerator.num_processes)
     total_steps = schedule.total_steps(config.num_epochs, config.max_steps)
@@ -105,14 +106,24 @@ def run_training(config: Config, log=print) -> RunResult:
         assert resume_from is not None
         ckpt.check_adapter_unchanged(resume_from, model)
         _load_adapter_weights(model, resume_from)
-        ckpt.load_training_state(resume_from, optimizer, scheduler)  # RNG last: nothing may draw after it
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parallel = build_parallel(accelerator, model, optimizer, zero_stage)
+    prompts = sample_prompt_texts(config, tokenizer)
+    # under ZeRO-3 every rank holds a slice of the weights, so all ranks generate (in step) and main reports
+    sharded_weights = zero_stage == 3
+    samples_before = (generate_samples(accelerator.unwrap_model(model), tokenizer, prompts,
+                                       config.sample_max_new_tokens, synced_ranks=sharded_weights)
+                      if is_main or sharded_weights else [])
+    if state is not None:
+        assert resume_from is not None
+        # after prepare: under ZeRO the optimizer state belongs to the engine's partitions
+        ckpt.load_training_state(resume_from, parallel, scheduler)  # RNG last: nothing may draw after it
         early.restore(state.get("early_stopping"), ckpt.load_best_adapter(resume_from))
         start_step, totals = state["step"], state.get("totals", totals)
         for note in ckpt.resume_notes(resume_from, config, state, total_steps):
             say(f"warning: resume: {note}")
         say(f"resume: resumed from checkpoints/{resume_from.name} at step {start_step}/{total_steps}")
-
-    model, optimizer = accelerator.prepare(model, optimizer)
     metrics = MetricsLog(output_dir / "logs", resume_step=start_step, enabled=is_main)
     integrations.watch(accelerator.unwrap_model(model))
     say(
@@ -127,7 +138,7 @@ def run_training(config: Config, log=print) -> RunResult:
     eval_loss = state.get("last_eval_loss") if state else None
     if config.eval_on_start and start_step == 0:
         eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
-        early.observe(0, eval_loss, accelerator.unwrap_model(model))
+        early.observe(0, eval_loss, accelerator.unwrap_model(model), parallel)
         metrics.write({"step": 0, "eval_loss": eval_loss})
         integrations.log({"step": 0, "eval_loss": eval_loss})
         progress.log_line(0, {"eval_loss": eval_loss})
@@ -135,7 +146,7 @@ def run_training(config: Config, log=print) -> RunResult:
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         loss, grad_norm, tokens, label_tokens = _train_step(
-            model, optimizer, accelerator, schedule, step, train_rows, collate, config.max_grad_norm
+            model, parallel, schedule, step, train_rows, collate, config.max_grad_norm
         )
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -150,7 +161,7 @@ def run_training(config: Config, log=print) -> RunResult:
         row: dict[str, Any] | None = dict(last) if (done % config.logging_steps == 0 or done == total_steps) else None
         if val_rows and config.evaluates_at(done, total_steps, schedule.steps_per_epoch):
             eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
-            early.observe(done, eval_loss, accelerator.unwrap_model(model))
+            early.observe(done, eval_loss, accelerator.unwrap_model(model), parallel)
             row = {**(row or {"step": done}), "eval_loss": eval_loss}
         if row is not None:
             metrics.write(row)
@@ -161,26 +172,27 @@ def run_training(config: Config, log=print) -> RunResult:
                 f"{early.best_eval_loss:.4f} for {early.patience} evaluations; stopping at step {done}")
             break
         if config.saves_at(done, total_steps, schedule.steps_per_epoch):
-            if is_main:
-                ckpt.save_checkpoint(
-                    output_dir, done,
-                    save_adapter=lambda d: accelerator.unwrap_model(model).save_pretrained(d),
-                    optimizer=optimizer, scheduler=scheduler, config=run_config, resume_key=resume_key,
-                    extra_state={"totals": totals, "total_steps": total_steps, "last_eval_loss": eval_loss,
-                                 "early_stopping": early.state()},
-                    save_total_limit=config.save_total_limit,
-                    best_adapter=early.best_weights,
-                )
-            accelerator.wait_for_everyone()
+            ckpt.save_checkpoint(
+                output_dir, done, parallel=parallel,
+                save_adapter=lambda d: _save_adapter(accelerator.unwrap_model(model), d),
+                scheduler=scheduler, config=run_config, resume_key=resume_key,
+                extra_state={"totals": totals, "total_steps": total_steps, "last_eval_loss": eval_loss,
+                             "early_stopping": early.state()},
+                save_total_limit=config.save_total_limit,
+                best_adapter=early.best_weights,
+            )
     progress.close()
 
     # ---- save ---------------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(model)
     if early.enabled and early.best_step is not None:
-        early.restore_best(unwrapped)
+        with parallel.gathered_adapter(modify=True):
+            early.restore_best(unwrapped)
         say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
             f"of {done} steps trained")
-    samples_after = generate_samples(unwrapped, tokenizer, prompts, config.sample_max_new_tokens) if is_main else []
+    samples_after = (generate_samples(unwrapped, tokenizer, prompts, config.sample_max_new_tokens,
+                                      synced_ranks=sharded_weights)
+                     if is_main or sharded_weights else [])
     summary = {
         "axlora_version": __version__,
         "steps": done,
@@ -188,6 +200,7 @@ def run_training(config: Config, log=print) -> RunResult:
         "resumed_from_step": start_step or None,
         "epochs": round(schedule.epoch_of(done), 4),
         "world_size": accelerator.num_processes,
+        "deepspeed": {"config": deepspeed.source, "zero_stage": zero_stage} if deepspeed else None,
         "adapter": {"case": plan.case, "reason": plan.reason,
                     "continued_from": str(plan.adapter_dir) if plan.adapter_dir else None},
         "train_rows": len(prepared.train),
@@ -207,8 +220,10 @@ def run_training(config: Config, log=print) -> RunResult:
         ],
         "versions": _versions(),
     }
+    with parallel.gathered_adapter():
+        if is_main:
+            _write_final(output_dir, unwrapped, tokenizer, run_config, summary)
     if is_main:
-        _write_final(output_dir, unwrapped, tokenizer, run_config, summary)
         metrics.plot_loss()
         metrics.close()
         _print_samples(summary["samples"], say)
@@ -266,12 +281,13 @@ class EarlyStopping:
     def should_stop(self) -> bool:
         return self.patience is not None and self.evals_without_improvement >= self.patience
 
-    def observe(self, step: int, eval_loss: float, model) -> None:
+    def observe(self, step: int, eval_loss: float, model, parallel) -> None:
         if not self.enabled:
             return
         if self.best_eval_loss is None or eval_loss < self.best_eval_loss:
             self.best_step, self.best_eval_loss, self.evals_without_improvement = step, eval_loss, 0
-            self.best_weights = _adapter_weights(model)
+            with parallel.gathered_adapter():
+                self.best_weights = _adapter_weights(model)
         else:
             self.evals_without_improvement += 1
 
@@ -327,45 +343,31 @@ def _layout_val(prepared: PreparedData, config: Config, tokenizer):
     return prepared.val, PaddedCollator(pad_token_id=tokenizer.pad_token_id)
 
 
-def _train_step(model, optimizer, accelerator, schedule: StepSchedule, step: int, rows, collate, max_grad_norm):
+def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collate, max_grad_norm):
     """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks."""
     import torch
 
-    micro_batches = [collate([rows[i] for i in chunk]) for chunk in schedule.micro_batches(step, accelerator.process_index)]
+    accelerator = parallel.accelerator
+    chunks = schedule.micro_batches(step, accelerator.process_index)
+    micro_batches = [collate([rows[i] for i in chunk]) for chunk in chunks]
     local = sum(batch["num_label_tokens"] for batch in micro_batches)
-    tokens = sum(len(rows[i]["input_ids"]) for chunk in schedule.micro_batches(step, accelerator.process_index) for i in chunk)
+    tokens = sum(len(rows[i]["input_ids"]) for chunk in chunks for i in chunk)
     counts = torch.tensor([local, tokens], device=accelerator.device, dtype=torch.long)
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     global_label_tokens, global_tokens = int(counts[0]), int(counts[1])
     step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float32)
     for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        context = accelerator.no_sync(model) if not last else _nullcontext()
-        with context, accelerator.autocast():
+        with parallel.micro_step(last=index == len(micro_batches) - 1), accelerator.autocast():
             out = model(**model_inputs(batch, accelerator.device, include_labels=True),
                         num_items_in_batch=max(global_label_tokens, 1))
-            # gradients are averaged over ranks by DDP; scale up so the result is the global token mean
-            loss = out.loss * accelerator.num_processes
-        accelerator.backward(loss)
+            # gradients are averaged over ranks (DDP, ZeRO); scale up so the result is the global token mean
+            parallel.backward(out.loss * accelerator.num_processes)
         step_loss += out.loss.detach().float()
-    grad_norm = float("nan")
-    if max_grad_norm > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], max_grad_norm))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = parallel.finish_step(max_grad_norm)
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
     return float(step_loss), grad_norm, global_tokens, global_label_tokens
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
@@ -403,8 +405,11 @@ def _load_adapter_weights(model, checkpoint_dir: Path) -> None:
 
 
 def _count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned weight's full size
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total
 
 
@@ -429,11 +434,19 @@ def _versions() -> dict[str, str]:
             "accelerate": accelerate.__version__}
 
 
+def _save_adapter(model, directory: Path) -> None:
+    """``save_pretrained``, after checking that no tensor is empty (a ZeRO-3 slice read without gathering)."""
+    from peft import get_peft_model_state_dict
+
+    check_complete(get_peft_model_state_dict(model), str(directory))
+    model.save_pretrained(directory)
+
+
 def _write_final(output_dir: Path, model, tokenizer, config: Config, summary: dict) -> None:
     from axlora.atomic import atomic_directory
 
     with atomic_directory(output_dir / "final") as tmp:
-        model.save_pretrained(tmp)
+        _save_adapter(model, tmp)
         tokenizer.save_pretrained(tmp)
         ckpt.write_resolved_config(config, tmp / ckpt.RESOLVED_CONFIG)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))

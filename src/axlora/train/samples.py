@@ -24,8 +24,11 @@ def sample_prompt_texts(config: Config, tokenizer=None) -> list[str]:
     return [fmt.prompt(entry) for entry in config.sample_prompts]
 
 
-def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions (deterministic, so before/after differ only by what training changed)."""
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, synced_ranks: bool = False) -> list[str]:
+    """Greedy completions (deterministic, so before/after differ only by what training changed).
+
+    ``synced_ranks``: every rank generates together (the weights are partitioned across them, ZeRO-3).
+    """
     import torch
 
     if not prompts:
@@ -47,6 +50,7 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) 
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=synced_ranks,
                 )
                 outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
     finally:
