@@ -37,11 +37,6 @@ class LaunchPlan:
     deepspeed: str | None = None
 
     @property
-    def in_process(self) -> bool:
-        """One plain process trains right here; DeepSpeed always runs under the launcher (it needs one)."""
-        return self.world_size == 1 and self.deepspeed is None
-
-    @property
     def world_size(self) -> int:
         return self.num_processes * self.num_machines
 
@@ -119,23 +114,50 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
         run_training(config)
         return 0
     plan = plan_launch(config)
-    if plan.in_process:
+    if plan.world_size == 1:
         from axlora.train.loop import run_training
 
+        if plan.deepspeed:
+            _become_single_worker(plan)
         run_training(config)
         return 0
     if plan.machine_rank == 0:
-        prepare_once(config, log)
+        prepared = prepare_once(config, log)
+        check_resume(config, plan, prepared.fingerprint)
     command = accelerate_command(plan, config_path, overrides)
     log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
         + shlex.join(command))
     return subprocess.run(command, check=False).returncode
 
 
-def prepare_once(config: Config, log=print) -> None:
+def _become_single_worker(plan: LaunchPlan) -> None:
+    """DeepSpeed needs a process group even for one process: this process becomes a world of one."""
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(plan.main_process_port))
+
+
+def prepare_once(config: Config, log=print):
     """Tokenize and cache the datasets here, so the workers only read the cache."""
     from axlora.data.prepare import prepare_data
     from axlora.model.load import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(config)
-    prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), log)
+    return prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), log)
+
+
+def check_resume(config: Config, plan: LaunchPlan, data_fingerprint: str) -> None:
+    """A resume the workers would refuse (changed data, batch, process count, ZeRO stage) fails here, first."""
+    from axlora.train import checkpoint as ckpt
+
+    resume_from = ckpt.resolve_resume(config, lambda *_: None)
+    if resume_from is None:
+        return
+    zero_stage = None
+    if config.deepspeed:
+        from axlora.deepspeed_config import load_deepspeed_setup
+        from axlora.train.precision import choose_precision
+
+        zero_stage = load_deepspeed_setup(config, plan.world_size, choose_precision(config).name).stage
+    ckpt.read_checkpoint_state(resume_from, ckpt.ResumeKey.for_run(config, data_fingerprint, plan.world_size,
+                                                                   zero_stage))

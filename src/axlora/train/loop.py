@@ -217,7 +217,7 @@ def run_training(config: Config, log=print) -> RunResult:
         "samples": [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
-        ],
+        ] if is_main else [],  # only the main process generates (under ZeRO-3 all do, main reports)
         "versions": _versions(),
     }
     with parallel.gathered_adapter():
