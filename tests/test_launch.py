@@ -56,3 +56,11 @@ def test_bad_hardware_settings_exit_2_before_any_worker(make_config, overrides, 
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "launch:" not in result.stdout
+
+
+def test_bad_input_found_by_the_workers_still_exits_2(make_config):
+    """accelerate exits 1 for any failed worker; the launcher reports the workers' own status 2."""
+    result = run_cli("train", str(make_config(num_processes=2, eval_on_start=True)))
+    assert "launch: 2 processes" in result.stdout
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "eval_on_start: needs validation rows" in result.stderr

@@ -12,13 +12,17 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from axlora.config.schema import Config
-from axlora.errors import UserError
+from axlora.errors import RunFailed, UserError
 
 _LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_PROCESS_ID")
+# where workers leave their exit status: the launcher reports 2 when a worker refused bad input, although
+# accelerate/torchrun themselves exit 1 for any failed worker
+_STATUS_DIR_ENV = "AXLORA_WORKER_STATUS_DIR"
 
 
 def under_launcher() -> bool:
@@ -111,7 +115,11 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
     if under_launcher():
         from axlora.train.loop import run_training
 
-        run_training(config)
+        try:
+            run_training(config)
+        except (UserError, RunFailed) as exc:
+            _leave_status(exc.exit_code)
+            raise
         return 0
     plan = plan_launch(config)
     if plan.world_size == 1:
@@ -127,7 +135,18 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
     command = accelerate_command(plan, config_path, overrides)
     log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
         + shlex.join(command))
-    return subprocess.run(command, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
+        returncode = subprocess.run(command, check=False, env={**os.environ, _STATUS_DIR_ENV: status_dir}).returncode
+        statuses = {int(path.read_text()) for path in Path(status_dir).glob("rank-*")}
+    if returncode and UserError.exit_code in statuses:
+        return UserError.exit_code
+    return returncode
+
+
+def _leave_status(exit_code: int) -> None:
+    status_dir = os.environ.get(_STATUS_DIR_ENV)
+    if status_dir and Path(status_dir).is_dir():  # not there on the other machines of a multi-node run
+        (Path(status_dir) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(exit_code))
 
 
 def _become_single_worker(plan: LaunchPlan) -> None:
