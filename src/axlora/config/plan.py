@@ -59,4 +59,7 @@ def describe_plan(config: Config) -> str:
     lines.append(f"output_dir: {config.output_dir}")
     if config.resume_from_checkpoint:
         lines.append(f"resume_from_checkpoint: {config.resume_from_checkpoint}")
+    processes = f"{config.num_processes or 'every visible GPU (else 1)'} process(es) per machine"
+    lines.append(f"hardware: {processes} x {config.num_machines} machine(s)"
+                 + (f", DeepSpeed {config.deepspeed}" if config.deepspeed else ""))
     return "\n".join(lines)
