@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from axlora.config.schema import Config
 from axlora.deepspeed_config import load_deepspeed_setup
 from axlora.errors import UserError
+
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
