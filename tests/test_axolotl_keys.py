@@ -194,3 +194,13 @@ def test_eval_and_save_cadence(tmp_path):
     assert any("eval_strategy / early_stopping_patience" in p for p in problems)
     problems = problems_of(write(tmp_path, "save_steps: 12.5\n"))
     assert any("save_steps: a step count must be whole" in p for p in problems)
+
+
+def test_load_best_model_at_end_is_what_early_stopping_does(tmp_path):
+    asked = write(tmp_path, "load_best_model_at_end: true\n")
+    [problem] = problems_of(asked)
+    assert "together with early_stopping_patience" in problem
+    with_patience = write(tmp_path, "load_best_model_at_end: true\nearly_stopping_patience: 3\neval_steps: 10\n"
+                          "val_set_size: 0.1\n")
+    config = load_config(with_patience, log=lambda _note: None)
+    assert config.early_stopping_patience == 3

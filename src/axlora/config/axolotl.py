@@ -316,6 +316,11 @@ REJECTED["peft_autocast_adapter_dtype"] = Rejected(
 REJECTED["shuffle_merged_datasets"] = Rejected(
     "axlora always shuffles the mixed rows with seed", accepts=lambda value, data: value is True, accepted="true"
 )
+REJECTED["load_best_model_at_end"] = Rejected(
+    REJECTED["load_best_model_at_end"].reason,
+    accepts=lambda value, data: asks_for_nothing(value) or (value is True and bool(data.get("early_stopping_patience"))),
+    accepted="false, or true together with early_stopping_patience (which keeps the best adapter)",
+)
 REJECTED["base_model_config"] = Rejected(
     "axlora reads the model config from base_model",
     accepts=lambda value, data: not value or value == data.get("base_model"),
