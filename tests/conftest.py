@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -77,3 +78,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
         [sys.executable, "-m", "axlora", *args], capture_output=True, text=True, cwd=cwd or REPO,
         timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def main_in_process(capsys, *args: str) -> SimpleNamespace:
+    """The CLI's own ``main`` in this process: for runs refused before any model loads, without the
+    seconds a subprocess spends importing torch and transformers. Same exit status and messages."""
+    from axlora.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)

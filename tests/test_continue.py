@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import main_in_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +37,6 @@ def write_config(directory: Path, tiny_model_dir: Path, alpaca_file: Path, **ove
     path = directory / "config.yml"
     path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}, sort_keys=False))
     return path
-
-
-def main_in_process(capsys, *args: str) -> SimpleNamespace:
-    """The CLI's own ``main`` in this process: for runs refused before any model loads, without the
-    seconds a subprocess spends importing torch and transformers. Same exit status and messages."""
-    from axlora.cli import main
-
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from axlora.model.adapter import complete_checkpoints
 from axlora.train.checkpoint import ResumeKey
 
-from conftest import REPO, run_cli
+from conftest import REPO, main_in_process, run_cli
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -42,16 +42,6 @@ def write_config(path: Path, tiny_model_dir: Path, alpaca_file: Path, **override
     data.update(overrides)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
-
-
-def main_in_process(capsys, *args: str) -> SimpleNamespace:
-    """The CLI's own ``main`` in this process: for runs refused before any model loads, without the
-    seconds a subprocess spends importing torch and transformers. Same exit status and messages."""
-    from axlora.cli import main
-
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def metrics(out: Path) -> list[dict]:

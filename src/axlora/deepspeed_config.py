@@ -50,13 +50,10 @@ def load_deepspeed_setup(config: Config, world_size: int, precision: str) -> Dee
     """The run's DeepSpeed config; ``precision`` is "bf16", "fp16" or "fp32"."""
     assert config.deepspeed is not None
     raw, source, notes = _read(config.deepspeed)
-    for section in ("optimizer", "scheduler"):
+    for section, yaml_keys in _BUILT_FROM_YAML.items():
         if section in raw:
-            raise UserError(
-                f"deepspeed: {source} has a '{section}' section; axlora builds the {section} from the YAML keys "
-                f"({'optimizer, learning_rate, weight_decay' if section == 'optimizer' else 'lr_scheduler, warmup_steps'}), "
-                "so remove the section."
-            )
+            raise UserError(f"deepspeed: {source} has a '{section}' section; axlora builds the {section} from the "
+                            f"YAML keys ({yaml_keys}), so remove the section.")
     decided = {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
@@ -102,16 +99,16 @@ def _read(value: str) -> tuple[dict[str, Any], str, list[str]]:
 
 def _agree(source: str, key: str, stated: Any, decided: Any) -> Any:
     """The YAML's value where the JSON says "auto" (or the same value); a contradiction is an error."""
-    if stated == "auto" or stated == decided or (isinstance(decided, float) and stated == decided):
+    if stated in ("auto", decided):
         return decided
     yaml_key = _YAML_KEYS.get(key, key)
     raise UserError(f"deepspeed: {source} sets {key} to {stated!r}, but the config's {yaml_key} gives {decided!r}; "
                     f"set it to \"auto\" (axlora fills it from the YAML) or change {yaml_key}.")
 
 
+_BUILT_FROM_YAML = {"optimizer": "optimizer, learning_rate, weight_decay", "scheduler": "lr_scheduler, warmup_steps"}
 _YAML_KEYS = {
     "train_micro_batch_size_per_gpu": "micro_batch_size",
-    "gradient_accumulation_steps": "gradient_accumulation_steps",
     "train_batch_size": "micro_batch_size x gradient_accumulation_steps x processes",
     "gradient_clipping": "max_grad_norm",
     "bf16.enabled": "bf16 (with the GPU present)",

@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from axlora.config.schema import Config
@@ -39,6 +39,7 @@ class LaunchPlan:
     main_process_port: int
     use_gpus: bool
     deepspeed: str | None = None
+    zero_stage: int | None = None  # from the DeepSpeed config, checked before any worker starts
 
     @property
     def world_size(self) -> int:
@@ -73,12 +74,12 @@ def plan_launch(config: Config) -> LaunchPlan:
         deepspeed=config.deepspeed,
     )
     if config.deepspeed:
-        _check_deepspeed(config, plan)
+        plan = replace(plan, zero_stage=_check_deepspeed(config, plan))
     return plan
 
 
-def _check_deepspeed(config: Config, plan: LaunchPlan) -> None:
-    """Everything about the ``deepspeed`` key that can fail, checked before a worker starts."""
+def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
+    """Everything about the ``deepspeed`` key that can fail, checked before a worker starts; the ZeRO stage."""
     from axlora.deepspeed_config import load_deepspeed_setup, require_deepspeed
     from axlora.train.precision import choose_precision
 
@@ -87,6 +88,7 @@ def _check_deepspeed(config: Config, plan: LaunchPlan) -> None:
     if setup.offloads_optimizer and not plan.use_gpus:
         raise UserError(f"deepspeed: {setup.source} offloads the optimizer to the CPU, which only means something "
                         "with GPUs; on this CPU-only machine use zero2 or zero3.")
+    return setup.stage
 
 
 def accelerate_command(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
@@ -172,11 +174,5 @@ def check_resume(config: Config, plan: LaunchPlan, data_fingerprint: str) -> Non
     resume_from = ckpt.resolve_resume(config, lambda *_: None)
     if resume_from is None:
         return
-    zero_stage = None
-    if config.deepspeed:
-        from axlora.deepspeed_config import load_deepspeed_setup
-        from axlora.train.precision import choose_precision
-
-        zero_stage = load_deepspeed_setup(config, plan.world_size, choose_precision(config).name).stage
     ckpt.read_checkpoint_state(resume_from, ckpt.ResumeKey.for_run(config, data_fingerprint, plan.world_size,
-                                                                   zero_stage))
+                                                                   plan.zero_stage))
