@@ -91,14 +91,13 @@ def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
     return setup.stage
 
 
-def accelerate_command(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
+def accelerate_arguments(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
     """``accelerate launch`` arguments re-running this same ``axlora train`` in every worker.
 
     ``--multi_gpu`` also drives several CPU processes (accelerate then uses gloo); ``--cpu`` would start
     only one.
     """
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
         "--num_processes", str(plan.world_size),
         "--num_machines", str(plan.num_machines),
         "--machine_rank", str(plan.machine_rank),
@@ -134,9 +133,12 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
     if plan.machine_rank == 0:
         prepared = prepare_once(config, log)
         check_resume(config, plan, prepared.fingerprint)
-    command = accelerate_command(plan, config_path, overrides)
+    arguments = accelerate_arguments(plan, config_path, overrides)
+    # printed as the plain accelerate command (rerunnable by hand); run through axlora.workers, which is
+    # the same launch without accelerate's own traceback when a worker fails
     log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
-        + shlex.join(command))
+        + shlex.join([sys.executable, "-m", "accelerate.commands.launch", *arguments]))
+    command = [sys.executable, "-m", "axlora.workers", *arguments]
     with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
         returncode = subprocess.run(command, check=False, env={**os.environ, _STATUS_DIR_ENV: status_dir}).returncode
         statuses = {int(path.read_text()) for path in Path(status_dir).glob("rank-*")}
