@@ -118,6 +118,7 @@ def test_resume_with_another_zero_stage_is_refused(make_config, tmp_path):
         ({}, {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 8}, "micro_batch_size gives 4"),
         ({}, {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
         ({"deepspeed": "zero3", "load_in_8bit": True}, None, "ZeRO-3"),
+        ({"deepspeed": "zero3", "chunked_cross_entropy": True}, None, "chunked_cross_entropy: not with ZeRO-3"),
         pytest.param({"deepspeed": "zero3_offload"}, None, "offloads the optimizer",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="refused on CPU-only machines")),
     ],

@@ -88,6 +88,9 @@ def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
     if setup.offloads_optimizer and not plan.use_gpus:
         raise UserError(f"deepspeed: {setup.source} offloads the optimizer to the CPU, which only means something "
                         "with GPUs; on this CPU-only machine use zero2 or zero3.")
+    if setup.stage == 3 and config.chunked_cross_entropy:
+        raise UserError("chunked_cross_entropy: not with ZeRO-3, which partitions the output head's weight; "
+                        "use zero2 or turn chunked_cross_entropy off.")
     return setup.stage
 
 

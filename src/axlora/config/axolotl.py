@@ -121,7 +121,7 @@ NO_OP: dict[str, NoOp] = {
         "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
         "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
         "unsloth_cross_entropy_loss", "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_rms_norm",
-        "unsloth_rope", "chunked_cross_entropy", "chunked_cross_entropy_num_chunks", "use_kernels",
+        "unsloth_rope", "use_kernels",
         "use_scattermoe", "use_sonicmoe", "experts_implementation", "torch_compile", "torch_compile_backend",
         "torch_compile_mode", "batch_flattening", "tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp",
         "flex_attn_compile_kwargs", "embeddings_skip_upcast", "gc_steps",

@@ -578,6 +578,15 @@ class MemorySettings(_Strict):
         description="Arguments of gradient checkpointing, e.g. {use_reentrant: false} (axlora's default).",
     )
 
+    chunked_cross_entropy: bool = Field(
+        default=False,
+        description="Compute the loss chunk by chunk, for label tokens only, without the whole logits tensor: the "
+        "same loss with far less memory for large vocabularies (Llama 3, Qwen, Gemma families; not with ZeRO-3).",
+    )
+    chunked_cross_entropy_num_chunks: int = Field(
+        default=8, gt=0, description="Chunks the tokens of a micro batch are split into for chunked_cross_entropy."
+    )
+
     def checkpointing_kwargs(self) -> dict[str, Any]:
         """Gradient-checkpointing arguments: non-reentrant unless the config says otherwise."""
         return {"use_reentrant": False, **(self.gradient_checkpointing_kwargs or {})}

@@ -90,6 +90,7 @@ def run_training(config: Config, log=print) -> RunResult:
     # (DeepSpeed ZeRO-3 loads the base partitioned, which draws differently)
     set_seed(config.seed)
     model = attach_adapter(model, config, plan, say)
+    loss_mode = _loss_mode(config, model, say)
     run_config = _config_as_trained(config, model, plan)
     trainable, total = _count_parameters(model)
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
@@ -146,7 +147,7 @@ def run_training(config: Config, log=print) -> RunResult:
     for step in range(start_step, total_steps):
         step_started = time.perf_counter()
         loss, grad_norm, tokens, label_tokens = _train_step(
-            model, parallel, schedule, step, train_rows, collate, config.max_grad_norm
+            model, parallel, schedule, step, train_rows, collate, config.max_grad_norm, loss_mode
         )
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -343,7 +344,7 @@ def _layout_val(prepared: PreparedData, config: Config, tokenizer):
     return prepared.val, PaddedCollator(pad_token_id=tokenizer.pad_token_id)
 
 
-def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collate, max_grad_norm):
+def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collate, max_grad_norm, loss_mode):
     """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks."""
     import torch
 
@@ -358,7 +359,7 @@ def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collat
     global_label_tokens, global_tokens = int(counts[0]), int(counts[1])
     step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float32)
     for index, batch in enumerate(micro_batches):
-        with parallel.micro_step(last=index == len(micro_batches) - 1), accelerator.autocast():
+        with parallel.micro_step(last=index == len(micro_batches) - 1), accelerator.autocast(), loss_mode():
             out = model(**model_inputs(batch, accelerator.device, include_labels=True),
                         num_items_in_batch=max(global_label_tokens, 1))
             # gradients are averaged over ranks (DDP, ZeRO); scale up so the result is the global token mean
@@ -368,6 +369,19 @@ def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collat
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
     return float(step_loss), grad_norm, global_tokens, global_label_tokens
+
+
+def _loss_mode(config: Config, peft_model, say):
+    """A context for the training forward: the model's own loss, or ``chunked_cross_entropy``'s."""
+    import contextlib
+
+    if not config.chunked_cross_entropy:
+        return contextlib.nullcontext
+    from axlora.train.chunked_loss import ChunkedCrossEntropy
+
+    chunked = ChunkedCrossEntropy(peft_model.get_base_model(), config.chunked_cross_entropy_num_chunks)
+    say(f"loss: chunked cross-entropy ({config.chunked_cross_entropy_num_chunks} chunks, label tokens only)")
+    return chunked.active
 
 
 def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
