@@ -24,7 +24,7 @@ def test_lora_throughput_tiny_runs_both_sides(tmp_path):
            "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--shape", "tiny", "--steps", "3", "--warmup", "1", "--rows", "40",
-         "--workdir", str(tmp_path / "work"), "--json", str(out)],
+         "--workdir", str(tmp_path / "work"), "--json", str(out), "--axlora-set", "chunked_cross_entropy=true"],
         cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
@@ -37,3 +37,6 @@ def test_lora_throughput_tiny_runs_both_sides(tmp_path):
     assert figures["ratio_tokens_per_second"] > 0
     assert figures["flops_per_token"] == 4 * figures["frozen_matmul_params"] + 6 * figures["lora_params"]
     assert "axlora/baseline" in proc.stdout
+    # --axlora-set reaches the axlora run (here: the chunked-loss lever)
+    [log] = (tmp_path / "work").glob("*/axlora.log")
+    assert "loss: chunked cross-entropy" in log.read_text()

@@ -262,7 +262,16 @@ def axlora_config(args, cuda: bool) -> dict:
         "logging_steps": 1,
         **({"flash_attention": True} if flash else {"sdp_attention": True}),
         "output_dir": str(Path(args.workdir, "axlora-out").resolve()),
+        **dict(_key_value(item) for item in args.axlora_set),
     }
+
+
+def _key_value(item: str) -> tuple[str, object]:
+    """``--axlora-set chunked_cross_entropy=true``: a YAML key for the axlora side (a lever to measure)."""
+    import yaml
+
+    key, _, value = item.partition("=")
+    return key, yaml.safe_load(value)
 
 
 def run_axlora(args, cuda: bool) -> dict:
@@ -343,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=["baseline", "axlora"], default=None)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of an unlisted GPU")
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--axlora-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra YAML key for the axlora run, e.g. chunked_cross_entropy=true (repeatable)")
     parser.add_argument("--role", choices=["baseline"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
