@@ -160,3 +160,18 @@ def test_zero_on_one_process_trains_here_as_a_world_of_one(one_process, make_con
     result = _train(config)
     assert "launch:" not in result.stdout and "ZeRO stage 2 (preset zero2) on 1 process(es)" in result.stdout
     assert _losses(tmp_path / "ds") == pytest.approx(_losses(one_process), rel=1e-5)
+
+
+def test_zero3_continues_an_adapter_like_one_process(one_process, make_config, tmp_path):
+    """lora_model_dir under ZeRO-3: the adapter loads into a base loaded partitioned, and trains on the same."""
+    settings = {"lora_model_dir": str(one_process / "final"), "max_steps": 2, "gradient_accumulation_steps": 2,
+                "seed": 11}
+    _train(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **settings))
+    result = _train(make_config("zero3.yml", micro_batch_size=2, num_processes=2, deepspeed="zero3",
+                                output_dir=str(tmp_path / "zero3"), **settings))
+    assert "adapter: continue" in result.stdout
+    assert _losses(tmp_path / "zero3") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    zero3 = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
+    for name, tensor in one.items():
+        torch.testing.assert_close(zero3[name], tensor, rtol=1e-4, atol=1e-6)
