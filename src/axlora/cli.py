@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from axlora import __version__
@@ -125,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Deprecation notices libraries raise about their own calls (peft -> transformers, DeepSpeed -> torch):
+# nothing a user can act on, printed on every run.
+_LIBRARY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`torch.distributed.all_gather_into_tensor` is deprecated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for notice in _LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     handler = COMMANDS[args.command][0]
