@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config import axolotl
-from axlora.config.schema import Config, DatasetConfig, json_schema
+from axlora.config.schema import Config, DatasetConfig, FsdpConfig, json_schema
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "axolotl-compat.md"
 
@@ -100,6 +100,8 @@ def render() -> str:
         lines += _key_table(section, schema["properties"]) + [""]
     lines += [f"### Keys of each `datasets:` entry ({len(DatasetConfig.model_fields)})", ""]
     lines += _key_table(DatasetConfig, dataset_schema) + [""]
+    lines += [f"### Keys of `fsdp_config:` ({len(FsdpConfig.model_fields)}; Axolotl's `fsdp_` prefixed names too)", ""]
+    lines += _key_table(FsdpConfig, schema["$defs"]["FsdpConfig"]["properties"]) + [""]
 
     lines += ["## Renamed and translated keys", "", "| Axolotl key | in axlora |", "|---|---|"]
     lines += [f"| `{old}` | `{new}` |" for old, new in axolotl.RENAMED.items() if old not in supported]

@@ -43,7 +43,7 @@ def notes_of(path: Path) -> list[str]:
     return notes
 
 
-@pytest.mark.parametrize("key", ["rl", "image_size", "unfrozen_parameters", "relora_steps", "fsdp",
+@pytest.mark.parametrize("key", ["rl", "image_size", "unfrozen_parameters", "relora_steps", "tensor_parallel_size",
                                  "neftune_noise_alpha", "use_comet", "gptq", "qat", "lr_groups"])
 def test_rejected_key_is_named_with_its_line_and_reason(tmp_path, key):
     path = write(tmp_path, f"{key}: yes\n")

@@ -48,7 +48,6 @@ def test_two_processes_train_the_same_model_as_one(make_config, tmp_path):
     [
         ({"num_machines": 2}, "main_process_ip"),
         ({"num_machines": 2, "machine_rank": 2, "main_process_ip": "10.0.0.1"}, "machine_rank"),
-        ({"fsdp": ["full_shard"]}, "fsdp"),
     ],
 )
 def test_bad_hardware_settings_exit_2_before_any_worker(make_config, overrides, message):

@@ -40,6 +40,12 @@ class LaunchPlan:
     use_gpus: bool
     deepspeed: str | None = None
     zero_stage: int | None = None  # from the DeepSpeed config, checked before any worker starts
+    fsdp: bool = False
+
+    @property
+    def needs_process_group(self) -> bool:
+        """DeepSpeed and FSDP need a process group even for one process."""
+        return bool(self.deepspeed) or self.fsdp
 
     @property
     def world_size(self) -> int:
@@ -72,10 +78,23 @@ def plan_launch(config: Config) -> LaunchPlan:
         main_process_port=config.main_process_port,
         use_gpus=gpus > 0,
         deepspeed=config.deepspeed,
+        fsdp=config.uses_fsdp(),
     )
     if config.deepspeed:
         plan = replace(plan, zero_stage=_check_deepspeed(config, plan))
+    if plan.fsdp:
+        _check_fsdp(config, plan)
     return plan
+
+
+def _check_fsdp(config: Config, plan: LaunchPlan) -> None:
+    """What the config alone cannot tell about ``fsdp``: whether this machine can do it."""
+    from axlora.train.fsdp import fsdp_settings
+
+    settings = fsdp_settings(config)
+    if settings and settings.offload_params and not plan.use_gpus:
+        raise UserError("fsdp_config.offload_params: offloading the sharded weights to the CPU only means something "
+                        "with GPUs; on this CPU-only machine turn it off.")
 
 
 def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
@@ -129,7 +148,7 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
     if plan.world_size == 1:
         from axlora.train.loop import run_training
 
-        if plan.deepspeed:
+        if plan.needs_process_group:
             _become_single_worker(plan)
         run_training(config)
         return 0
@@ -157,7 +176,7 @@ def _leave_status(exit_code: int) -> None:
 
 
 def _become_single_worker(plan: LaunchPlan) -> None:
-    """DeepSpeed needs a process group even for one process: this process becomes a world of one."""
+    """DeepSpeed and FSDP need a process group even for one process: this process becomes a world of one."""
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(plan.main_process_port))

@@ -150,13 +150,14 @@ NO_OP: dict[str, NoOp] = {
     **_noop("used only with use_eaft, which axlora does not support", "eaft_alpha", "eaft_k"),
     **_noop("used only with rl, which axlora does not support", "max_prompt_len"),
     **_noop("axlora's torch import is not configurable", "torchdistx_path"),
+    **_noop("axlora always writes a whole adapter (it is never sharded)", "fsdp_final_state_dict_type"),
 }
 
 _RL = "axlora does supervised LoRA fine-tuning; RL and preference training (DPO, IPO, KTO, ORPO, SimPO, GRPO) is not supported"
 _MULTIMODAL = "multimodal (image/audio) training is not supported; axlora trains text-only causal language models"
 _FULL_FT = "axlora trains LoRA adapters, not full or partial fine-tuning of the base weights"
-_PARALLEL = ("axlora shards models with DeepSpeed ZeRO only (deepspeed: zero3 or zero3_offload shards the base "
-             "model across GPUs); FSDP and tensor/context parallelism are not supported")
+_PARALLEL = ("axlora shards models with FSDP (fsdp_config) or DeepSpeed ZeRO (deepspeed: zero3) across data-parallel "
+             "GPUs; hybrid sharding, tensor and context parallelism are not supported")
 _SCHEDULE = "axlora's learning-rate schedule is lr_scheduler plus warm-up only"
 _EVALS = "axlora reports eval_loss only; run benchmarks (lm-eval) on the merged model"
 _TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrated; metrics are also in logs/metrics.jsonl"
@@ -186,8 +187,7 @@ REJECTED: dict[str, Rejected] = {
     ),
     **_rejected(
         _PARALLEL,
-        "deepcompile", "fsdp", "fsdp_config", "fsdp_version", "fsdp_final_state_dict_type",
-        "dp_shard_size", "dp_replicate_size", "tensor_parallel_size", "context_parallel_size",
+        "deepcompile", "dp_shard_size", "dp_replicate_size", "tensor_parallel_size", "context_parallel_size",
         "sequence_parallel_degree", "heads_k_stride", "ring_attn_func", "qlora_sharded_model_loading",
         "fp8_enable_fsdp_float8_all_gather",
     ),

@@ -61,5 +61,6 @@ def describe_plan(config: Config) -> str:
         lines.append(f"resume_from_checkpoint: {config.resume_from_checkpoint}")
     processes = f"{config.num_processes or 'every visible GPU (else 1)'} process(es) per machine"
     lines.append(f"hardware: {processes} x {config.num_machines} machine(s)"
-                 + (f", DeepSpeed {config.deepspeed}" if config.deepspeed else ""))
+                 + (f", DeepSpeed {config.deepspeed}" if config.deepspeed else "")
+                 + (", FSDP (fully_shard)" if config.uses_fsdp() else ""))
     return "\n".join(lines)

@@ -642,8 +642,69 @@ class HubSettings(_Strict):
     hub_revision: str | None = Field(default=None, description="Branch to push to (default: main).")
 
 
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+# FSDP1 settings that FSDP2 (what axlora runs) has no counterpart for: read and reported, never acted on
+FSDP1_ONLY = ("use_orig_params", "sync_module_states", "limit_all_gathers", "forward_prefetch", "backward_prefetch",
+              "backward_prefetch_policy")
+
+
+class FsdpConfig(_Strict):
+    """``fsdp_config:``: how FSDP shards the base model. Axolotl's FSDP1 spellings (``fsdp_offload_params``) work too."""
+
+    offload_params: bool = Field(default=False, description="Keep the sharded base weights in CPU RAM (GPUs only).")
+    reshard_after_forward: bool = Field(
+        default=True, description="Free the gathered weights after each layer's forward (FULL_SHARD); false keeps "
+        "them until backward (SHARD_GRAD_OP): faster, more memory."
+    )
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] | None = Field(
+        default=None, description="FSDP1 name of reshard_after_forward (FULL_SHARD: true, SHARD_GRAD_OP: false)."
+    )
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP"] = Field(
+        default="TRANSFORMER_BASED_WRAP", description="Shard per transformer layer (the only policy axlora runs)."
+    )
+    transformer_layer_cls_to_wrap: list[str] | None = Field(
+        default=None, description="Layer classes sharded as one unit (default: the model's decoder layer class)."
+    )
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"] = Field(
+        default="FULL_STATE_DICT",
+        description="Accepted for Axolotl configs: axlora always writes a whole adapter (it is never sharded).",
+    )
+    activation_checkpointing: bool = Field(default=False, description="Same as gradient_checkpointing: true.")
+    cpu_ram_efficient_loading: bool = Field(
+        default=False, description="Accepted for Axolotl configs; every process loads the base into CPU RAM."
+    )
+    version: Literal[1, 2] | None = Field(default=None, description="Same as fsdp_version.")
+    use_orig_params: bool | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+    sync_module_states: bool | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+    limit_all_gathers: bool | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+    forward_prefetch: bool | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+    backward_prefetch: str | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+    backward_prefetch_policy: str | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_fsdp1_names(cls, data: Any) -> Any:
+        """``fsdp_offload_params`` -> ``offload_params``; sharding strategies given as accelerate's numbers."""
+        if not isinstance(data, dict):
+            return data
+        renamed: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.removeprefix("fsdp_") if isinstance(key, str) else key
+            if name in renamed:
+                raise ValueError(f"'{key}' and '{name}' are the same setting; keep one of them")
+            renamed[name] = value
+        strategy = renamed.get("sharding_strategy")
+        if isinstance(strategy, int) or (isinstance(strategy, str) and strategy.isdigit()):
+            renamed["sharding_strategy"] = {1: "FULL_SHARD", 2: "SHARD_GRAD_OP"}.get(int(strategy), strategy)
+        if isinstance(renamed.get("transformer_layer_cls_to_wrap"), str):
+            renamed["transformer_layer_cls_to_wrap"] = [
+                name.strip() for name in renamed["transformer_layer_cls_to_wrap"].split(",") if name.strip()
+            ]
+        return renamed
+
+
 class HardwareSettings(_Strict):
-    """How many processes and machines train, and how the model is sharded across them (DeepSpeed ZeRO)."""
+    """How many processes and machines train, and how the model is sharded across them (DeepSpeed ZeRO or FSDP)."""
 
     num_processes: int | None = Field(
         default=None, gt=0, description="Processes per machine (default: every visible GPU, else 1)."
@@ -667,6 +728,30 @@ class HardwareSettings(_Strict):
         if value is None or value in PRESETS or value.endswith(".json"):
             return value
         raise ValueError(f"'{value}' is neither a shipped preset{_suggest(value, PRESETS)} nor a .json file")
+
+    fsdp: list[str] | None = Field(
+        default=None,
+        description="FSDP (PyTorch's fully sharded data parallel) in Axolotl's FSDP1 form, e.g. [full_shard, auto_wrap]; "
+        "fsdp_config alone turns it on too.",
+    )
+    fsdp_version: Literal[1, 2] | None = Field(
+        default=None, description="Axolotl's FSDP version key; axlora always runs FSDP2 (fully_shard)."
+    )
+    fsdp_config: FsdpConfig | None = Field(default=None, description="FSDP settings; setting it turns FSDP on.")
+
+    @field_validator("fsdp", mode="before")
+    @classmethod
+    def _fsdp_options(cls, value: Any) -> Any:
+        if isinstance(value, str):  # accelerate/transformers write "full_shard auto_wrap"
+            value = value.split()
+        for option in value or []:
+            if option not in FSDP_OPTIONS:
+                reason = " (hybrid sharding across machines is not supported)" if "hybrid" in str(option) else ""
+                raise ValueError(f"unknown FSDP option '{option}'{reason}{_suggest(str(option), FSDP_OPTIONS)}")
+        return value
+
+    def uses_fsdp(self) -> bool:
+        return bool(self.fsdp) or self.fsdp_config is not None
 
 
 class Config(
@@ -716,9 +801,30 @@ class Config(
             problems.append("warmup_steps / warmup_ratio: set one of them, not both.")
         if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
             problems.append("val_set_size: a row count must be a whole number (or a fraction below 1).")
+        problems += self._fsdp_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _fsdp_problems(self) -> list[str]:
+        if not self.uses_fsdp():
+            if self.fsdp_version is not None:
+                return ["fsdp_version: FSDP is on only with fsdp_config (or fsdp: [full_shard, auto_wrap]); add it."]
+            return []
+        problems = []
+        if {"full_shard", "shard_grad_op"} <= set(self.fsdp or ()):
+            problems.append("fsdp: full_shard and shard_grad_op are two sharding strategies; keep one.")
+        if self.deepspeed:
+            problems.append("fsdp / deepspeed: choose one way of sharding the model, not both.")
+        if self.quantization_bits():
+            problems.append("fsdp: not with a quantized base (load_in_4bit / load_in_8bit); "
+                            "use one GPU or DeepSpeed zero2 for QLoRA.")
+        if self.chunked_cross_entropy:
+            problems.append("chunked_cross_entropy: not with FSDP, which shards the output head's weight; "
+                            "turn one of them off.")
+        if self.fsdp_config and self.fsdp_config.activation_checkpointing:
+            self.gradient_checkpointing = True  # FSDP's name for the same recomputation
+        return problems
 
     def derived_warmup_steps(self, total_steps: int) -> int:
         """Warm-up steps from ``warmup_steps`` or ``warmup_ratio`` (0 when neither is set)."""

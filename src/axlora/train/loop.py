@@ -27,11 +27,12 @@ from axlora.errors import UserError
 from axlora.model.adapter import AdapterPlan, attach_adapter, effective_adapter_settings, plan_adapter
 from axlora.model.load import load_base_model, load_tokenizer, require_machine_support, tokenizer_fingerprint
 from axlora.train import checkpoint as ckpt
+from axlora.train.fsdp import fsdp_settings
 from axlora.train.integrations import start_integrations
 from axlora.train.length_groups import build_schedule
 from axlora.train.metrics import MetricsLog
 from axlora.train.optim import build_optimizer, build_scheduler, resolve_optimizer
-from axlora.train.parallel import build_parallel, check_complete, deepspeed_setup, make_accelerator
+from axlora.train.parallel import check_complete, deepspeed_setup, make_accelerator, prepare_parallel
 from axlora.train.precision import choose_precision
 from axlora.train.progress import Progress
 from axlora.train.samples import generate_samples, sample_prompt_texts
@@ -57,6 +58,7 @@ def run_training(config: Config, log=print) -> RunResult:
     precision = choose_precision(config)
     optimizer_cls, optimizer_kwargs = resolve_optimizer(config)
     deepspeed = deepspeed_setup(config, precision.name)
+    fsdp = fsdp_settings(config)
     accelerator = make_accelerator(config, precision.mixed_precision, deepspeed)
     zero_stage = deepspeed.stage if deepspeed else None
     is_main = accelerator.is_main_process
@@ -65,6 +67,8 @@ def run_training(config: Config, log=print) -> RunResult:
         for note in deepspeed.notes:
             say(f"note: {note}")
         say(f"deepspeed: ZeRO stage {zero_stage} ({deepspeed.source}) on {accelerator.num_processes} process(es)")
+    for note in fsdp.notes if fsdp else ():
+        say(f"note: {note}")
     integrations = start_integrations(config, log=say, enabled=is_main)
 
     # ---- setup: data, resume check, model -----------------------------------------------------------
@@ -108,11 +112,12 @@ def run_training(config: Config, log=print) -> RunResult:
         ckpt.check_adapter_unchanged(resume_from, model)
         _load_adapter_weights(model, resume_from)
 
-    model, optimizer = accelerator.prepare(model, optimizer)
-    parallel = build_parallel(accelerator, model, optimizer, zero_stage)
+    model, parallel = prepare_parallel(accelerator, model, optimizer, zero_stage, fsdp)
+    if fsdp:
+        _report_sharding(fsdp, parallel.figures, accelerator.num_processes, say)
     prompts = sample_prompt_texts(config, tokenizer)
-    # under ZeRO-3 every rank holds a slice of the weights, so all ranks generate (in step) and main reports
-    sharded_weights = zero_stage == 3
+    # under ZeRO-3 and FSDP every rank holds a slice of the weights: all ranks generate (in step), main reports
+    sharded_weights = parallel.sharded_weights
     samples_before = (generate_samples(accelerator.unwrap_model(model), tokenizer, prompts,
                                        config.sample_max_new_tokens, synced_ranks=sharded_weights)
                       if is_main or sharded_weights else [])
@@ -202,6 +207,7 @@ def run_training(config: Config, log=print) -> RunResult:
         "epochs": round(schedule.epoch_of(done), 4),
         "world_size": accelerator.num_processes,
         "deepspeed": {"config": deepspeed.source, "zero_stage": zero_stage} if deepspeed else None,
+        "fsdp": {"sharding": fsdp.describe(), **parallel.figures} if fsdp else None,
         "adapter": {"case": plan.case, "reason": plan.reason,
                     "continued_from": str(plan.adapter_dir) if plan.adapter_dir else None},
         "train_rows": len(prepared.train),
@@ -218,7 +224,7 @@ def run_training(config: Config, log=print) -> RunResult:
         "samples": [
             {"prompt": p, "before": b, "after": a}
             for p, b, a in zip(prompts, samples_before, samples_after, strict=True)
-        ] if is_main else [],  # only the main process generates (under ZeRO-3 all do, main reports)
+        ] if is_main else [],  # only the main process generates (under ZeRO-3 and FSDP all do, main reports)
         "versions": _versions(),
     }
     with parallel.gathered_adapter():
@@ -345,7 +351,12 @@ def _layout_val(prepared: PreparedData, config: Config, tokenizer):
 
 
 def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collate, max_grad_norm, loss_mode):
-    """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks."""
+    """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks.
+
+    The last step of an epoch may give ranks different numbers of micro batches (or none). Every rank
+    still runs as many passes as the busiest one, the extra ones on a filler batch whose loss counts zero:
+    sharded weights are gathered in every forward, and a rank that skipped it would leave the others waiting.
+    """
     import torch
 
     accelerator = parallel.accelerator
@@ -357,14 +368,19 @@ def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collat
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     global_label_tokens, global_tokens = int(counts[0]), int(counts[1])
+    passes = [(batch, 1.0) for batch in micro_batches]
+    fillers = schedule.micro_batch_count(step) - len(micro_batches)
+    if fillers:
+        filler = collate([rows[i] for i in (chunks[-1] if chunks else schedule.step_rows(step)[:1])])
+        passes += [(filler, 0.0)] * fillers
     step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float32)
-    for index, batch in enumerate(micro_batches):
-        with parallel.micro_step(last=index == len(micro_batches) - 1), accelerator.autocast(), loss_mode():
+    for index, (batch, weight) in enumerate(passes):
+        with parallel.micro_step(last=index == len(passes) - 1), accelerator.autocast(), loss_mode():
             out = model(**model_inputs(batch, accelerator.device, include_labels=True),
                         num_items_in_batch=max(global_label_tokens, 1))
-            # gradients are averaged over ranks (DDP, ZeRO); scale up so the result is the global token mean
-            parallel.backward(out.loss * accelerator.num_processes)
-        step_loss += out.loss.detach().float()
+            # gradients are averaged over ranks (DDP, FSDP, ZeRO); scale up so the result is the global token mean
+            parallel.backward(out.loss * (accelerator.num_processes * weight))
+        step_loss += out.loss.detach().float() * weight
     grad_norm = parallel.finish_step(max_grad_norm)
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
@@ -392,13 +408,19 @@ def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    chunks = [mine[start:start + micro_batch_size] for start in range(0, len(mine), micro_batch_size)]
+    # every rank runs as many forwards as rank 0 (which holds the most rows): sharded weights are gathered
+    # in each forward; the extra ones run on row 0 and are not counted
+    passes = math.ceil(math.ceil(len(rows) / accelerator.num_processes) / micro_batch_size)
     with torch.no_grad():
-        for start in range(0, len(mine), micro_batch_size):
-            batch = collate([rows[i] for i in mine[start:start + micro_batch_size]])
+        for index in range(passes):
+            chunk = chunks[index] if index < len(chunks) else [0]
+            batch = collate([rows[i] for i in chunk])
             with accelerator.autocast():
                 out = model(**model_inputs(batch, accelerator.device, include_labels=True), num_items_in_batch=1)
-            total += out.loss.double()
-            count += batch["num_label_tokens"]
+            if index < len(chunks):
+                total += out.loss.double()
+                count += batch["num_label_tokens"]
     if accelerator.num_processes > 1:
         total = accelerator.reduce(total, reduction="sum")
         count = accelerator.reduce(count, reduction="sum")
@@ -411,11 +433,22 @@ def _load_adapter_weights(model, checkpoint_dir: Path) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint_dir / "adapter_model.safetensors"))
+    # after a vocabulary resize peft also saves each trained embedding as `<module>.modules_to_save.weight`, a
+    # copy of `<module>.weight` that its own loader does not read back; the canonical key carries the weights
+    weights = {name: tensor for name, tensor in weights.items()
+               if not (".modules_to_save." in name and name.replace(".modules_to_save.", ".") in weights)}
     result = set_peft_model_state_dict(model, weights)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
         raise UserError(f"resume_from_checkpoint: {checkpoint_dir} holds adapter weights this run's LoRA "
                         f"lacks ({unexpected[:3]}); was it written with other adapter settings?")
+
+
+def _report_sharding(fsdp, figures: dict, world_size: int, say) -> None:
+    share = figures["sharded_parameters_on_this_rank"] / max(figures["sharded_parameters"], 1)
+    say(f"fsdp: {fsdp.describe()} over {world_size} process(es), {figures['layers_sharded']} layers: rank 0 holds "
+        f"{figures['sharded_parameters_on_this_rank']:,} of {figures['sharded_parameters']:,} base weights "
+        f"({100 * share:.1f}%); the adapter's {figures['whole_parameters']:,} stay whole on every rank")
 
 
 def _count_parameters(model) -> tuple[int, int]:

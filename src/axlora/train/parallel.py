@@ -1,10 +1,12 @@
-"""How the processes of a run cooperate: plain data parallelism (DDP) or DeepSpeed ZeRO.
+"""How the processes of a run cooperate: plain data parallelism (DDP), FSDP, or DeepSpeed ZeRO.
 
-The training loop speaks to one of two small classes with the same methods, so it reads the same for
-both. They differ in who accumulates and steps (the loop with ``no_sync`` under DDP; the DeepSpeed
-engine under ZeRO), where optimizer state lives (whole on every rank, or partitioned: each rank saves
-its own part), and how the adapter's weights are read (under ZeRO-3 each rank holds a slice of every
-tensor, so they are gathered first: a bare ``save_pretrained`` would write empty tensors).
+The training loop speaks to one of three small classes with the same methods, so it reads the same for
+all. They differ in who accumulates and steps (the loop with ``no_sync`` under DDP; the loop with one
+all-reduce of the adapter's gradients under FSDP; the DeepSpeed engine under ZeRO), where optimizer state
+lives (whole on every rank, or partitioned: each rank saves its own part), and how the adapter's weights
+are read (under ZeRO-3 each rank holds a slice of every tensor, so they are gathered first: a bare
+``save_pretrained`` would write empty tensors). Under FSDP and ZeRO-3 every forward gathers weights from
+all ranks, so ranks must run the same number of forwards (``sharded_weights``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class DataParallel:
     """One process, or DDP through accelerate: the loop accumulates with ``no_sync`` and steps itself."""
 
     sharded_optimizer = False
+    sharded_weights = False
 
     def __init__(self, accelerator, model, optimizer):
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
@@ -113,6 +116,7 @@ class ZeroParallel(DataParallel):
         super().__init__(accelerator, model, optimizer)
         self.engine = model  # accelerate hands back the DeepSpeedEngine as the model
         self.stage = stage
+        self.sharded_weights = stage == 3
 
     def micro_step(self, last: bool):
         self.engine.set_gradient_accumulation_boundary(last)
@@ -145,10 +149,61 @@ class ZeroParallel(DataParallel):
         self.engine.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+class FsdpParallel(DataParallel):
+    """FSDP: the base is sharded (``train.fsdp``), the adapter whole; its gradients are all-reduced once a step."""
+
+    sharded_weights = True
+
+    def __init__(self, accelerator, model, optimizer, figures: dict[str, Any]):
+        super().__init__(accelerator, model, optimizer)
+        self.figures = figures  # what this rank holds, for the log and the summary
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()  # gradients accumulate locally; finish_step reduces them once
+
+    def finish_step(self, max_grad_norm: float) -> float:
+        self._average_gradients()
+        return super().finish_step(max_grad_norm)
+
+    def _average_gradients(self) -> None:
+        import torch
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        if self.world_size == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # every rank must contribute the same tensors to the reduction
+                p.grad = torch.zeros_like(p)
+        for dtype in sorted({p.grad.dtype for p in params}, key=str):
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                grad.copy_(reduced)
+
+
 def build_parallel(accelerator, model, optimizer, deepspeed_stage: int | None) -> DataParallel:
     if deepspeed_stage is None:
         return DataParallel(accelerator, model, optimizer)
     return ZeroParallel(accelerator, model, optimizer, deepspeed_stage)
+
+
+def prepare_parallel(accelerator, model, optimizer, deepspeed_stage: int | None, fsdp):
+    """The model ready to train (wrapped, or sharded under FSDP) and the matching ``DataParallel`` kind.
+
+    Under FSDP accelerate prepares only the optimizer: its ``prepare`` would wrap the sharded model in DDP.
+    """
+    if fsdp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return model, build_parallel(accelerator, model, optimizer, deepspeed_stage)
+    from axlora.train.fsdp import shard_model
+
+    figures = shard_model(model, fsdp, accelerator.device)
+    optimizer = accelerator.prepare_optimizer(optimizer)
+    return model, FsdpParallel(accelerator, model, optimizer, figures)
 
 
 def check_complete(state: dict[str, Any], where: str) -> None:

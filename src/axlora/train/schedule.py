@@ -53,6 +53,10 @@ class StepSchedule:
         order = self._order(epoch)
         return list(order[index * self.rows_per_step : (index + 1) * self.rows_per_step])
 
+    def micro_batch_count(self, step: int) -> int:
+        """The most micro batches any process has in ``step`` (fewer only on an epoch's short last step)."""
+        return max(len(self.micro_batches(step, rank)) for rank in range(self.world_size))
+
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """This process's micro batches for ``step``: its share of the step's rows, in chunks."""
         mine = self.step_rows(step)[rank :: self.world_size]
