@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from axlora.errors import UserError
 from axlora.merge import MARKER, MergeVerificationError, merge_lora
 from axlora.merge import ops as merge_ops
+from axlora.merge.plan import _with_vocab_size
 from axlora.merge.safetensors_io import ShardWriter
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -54,9 +55,13 @@ def tied_base(tmp_path_factory) -> Path:
     return _save_base(_llama(tie=True), tmp_path_factory.mktemp("tied"))
 
 
-def _make_adapter(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Path:
-    """A real peft adapter with non-zero B (peft initialises it to zero) and perturbed saved modules."""
+def _make_adapter(base_dir: Path, out: Path, seed: int = 1, vocab: int | None = None,
+                  save_embedding_layers: bool | str = "auto", **lora_kwargs) -> Path:
+    """A real peft adapter with non-zero B (peft initialises it to zero) and perturbed saved modules;
+    ``vocab`` resizes the embeddings first, as training after adding tokens does."""
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if vocab is not None:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -65,25 +70,28 @@ def _make_adapter(base_dir: Path, out: Path, seed: int = 1, **lora_kwargs) -> Pa
                 param.add_(torch.randn(param.shape, generator=gen) * 0.1)
             elif "modules_to_save" in name:
                 param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, save_embedding_layers=save_embedding_layers)
     return out
 
 
-def _peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
+def _peft_logits(base_dir: Path, adapter_dir: Path, vocab: int | None = None, ids: torch.Tensor = IDS) -> torch.Tensor:
     """Logits of PeftModel(base + adapter); also checks the adapter really changes them (else tests prove nothing)."""
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    if vocab is not None:
+        base.resize_token_embeddings(vocab, mean_resizing=False)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
-        logits = model(IDS).logits.float()
+        logits = model(ids).logits.float()
         with model.disable_adapter():
-            assert (model(IDS).logits.float() - logits).abs().max() > 1e-2
+            assert (model(ids).logits.float() - logits).abs().max() > 1e-2
     return logits
 
 
-def _merged_logits(merged_dir: Path) -> torch.Tensor:
+def _merged_logits(merged_dir: Path, ids: torch.Tensor = IDS) -> torch.Tensor:
     model, info = AutoModelForCausalLM.from_pretrained(merged_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
-        return model.eval()(IDS).logits.float()
+        return model.eval()(ids).logits.float()
 
 
 def _tensors(merged_dir: Path) -> dict[str, torch.Tensor]:
@@ -168,6 +176,60 @@ def test_tied_embeddings_untied_like_peft_forward(tied_base, tmp_path, kwargs):
     assert "lm_head.weight" in _tensors(tmp_path / "merged")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     _assert_matches_peft(tied_base, adapter, tmp_path / "merged")
+
+
+NEW_IDS = torch.tensor([[1, 5, 257, 99, 259, 3, 256]])  # ids past the base's 256 rows
+
+
+@pytest.mark.parametrize(("tied", "kwargs"), [
+    (False, {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}),
+    (True, {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}),
+    (True, {"target_modules": ["q_proj", "embed_tokens"]}),
+    (False, {"target_modules": ["q_proj", "v_proj"]}),
+], ids=["modules_to_save", "tied_modules_to_save", "tied_embedding_lora", "untrained_new_rows"])
+def test_resized_vocabulary_matches_peft(base, tied_base, tmp_path, tied, kwargs):
+    """After adding tokens peft saves the embeddings whole with more rows (and modules_to_save twice, plus the
+    untrained original): the merge takes the trained ones and announces the new vocab_size."""
+    base_dir = tied_base if tied else base
+    adapter = _make_adapter(base_dir, tmp_path / "ad", vocab=260, r=4, **kwargs)
+    merge_lora(base_dir, adapter, tmp_path / "merged", log=lambda _: None)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["vocab_size"] == 260
+    assert {t.shape[0] for n, t in _tensors(tmp_path / "merged").items() if "embed" in n or "lm_head" in n} == {260}
+    diff = (_merged_logits(tmp_path / "merged", NEW_IDS) - _peft_logits(base_dir, adapter, 260, NEW_IDS)).abs().max()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"target_modules": ["q_proj", "embed_tokens"], "save_embedding_layers": False},
+     "LoRA for 'model.embed_tokens' was trained on a vocabulary of 260 rows.*save_embedding_layers"),
+    ({"target_modules": ["q_proj", "embed_tokens"]},  # untied: peft saves no resized lm_head
+     "disagree on its size: model.embed_tokens.weight has 260 rows.*lm_head.weight has 256 rows"),
+], ids=["lora_only", "head_missing"])
+def test_resized_vocabulary_without_its_weights_is_refused(base, tmp_path, kwargs, message):
+    adapter = _make_adapter(base, tmp_path / "ad", vocab=260, r=4, **kwargs)
+    with pytest.raises(UserError, match=message):
+        merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_modules_to_save_copies_must_agree(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", vocab=260, r=4, target_modules=["q_proj"],
+                            modules_to_save=["embed_tokens", "lm_head"])
+    path = adapter / "adapter_model.safetensors"
+    weights = load_file(path)
+    assert "base_model.model.lm_head.original_module.weight" in weights
+    weights["base_model.model.lm_head.modules_to_save.weight"][7, 3] += 1.0
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"'base_model.model.lm_head.weight' and "
+                                        r"'base_model.model.lm_head.modules_to_save.weight'.*different values"):
+        merge_lora(base, adapter, tmp_path / "merged", log=lambda _: None)
+
+
+def test_resized_vocab_size_goes_where_the_config_keeps_it():
+    assert _with_vocab_size({"vocab_size": 8}, 9) == {"vocab_size": 9}
+    nested = _with_vocab_size({"model_type": "gemma3", "text_config": {"vocab_size": 8, "hidden_size": 4}}, 9)
+    assert nested == {"model_type": "gemma3", "text_config": {"vocab_size": 9, "hidden_size": 4}}
 
 
 def test_dora_matches_peft(base, tmp_path):

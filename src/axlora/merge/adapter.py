@@ -9,6 +9,9 @@ peft strips the adapter name when saving, so a LoRA on ``model.layers.0.self_att
 - ``<module>.weight`` / ``<module>.bias`` (no ``lora_``): full tensors of ``modules_to_save`` (or trained biases),
   which replace the base tensor; ``<module>.base_layer.weight``: a targeted embedding saved whole
   (``save_embedding_layers``), replacing the base weight before the LoRA delta is added.
+- with ``save_embedding_layers`` (automatic after a vocabulary resize) a ``modules_to_save`` module is also saved
+  as ``<module>.modules_to_save.weight`` (a copy of ``<module>.weight``) and ``<module>.original_module.weight``
+  (the untrained weight peft keeps to disable the adapter, not part of the trained model: ignored).
 
 Only the keys actually present are followed, so ``target_modules`` as a list, regex or "all-linear" need no
 interpretation here; ``rank_pattern``/``alpha_pattern`` are matched exactly like peft's ``get_pattern_key``.
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo, read_header, same_bytes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -97,8 +100,11 @@ def load_adapter(directory: Path) -> Adapter:
         raise UserError(f"{weights}: missing; expected the adapter weights saved by PeftModel.save_pretrained{hint}")
     adapter = Adapter(directory, weights, config)
     infos, _ = read_header(weights)
+    copies: list[TensorInfo] = []
     for info in infos:
-        _add_key(adapter, info)
+        _add_key(adapter, info, copies)
+    for copy in copies:
+        _add_copy(adapter, copy)
     for lora in adapter.modules.values():
         _finish_module(adapter, lora)
     if not adapter.modules and not adapter.replacements:
@@ -142,8 +148,8 @@ def _module_of(adapter: Adapter, module: str) -> LoraModule:
     return adapter.modules.setdefault(module, LoraModule(module))
 
 
-def _add_key(adapter: Adapter, info: TensorInfo) -> None:
-    """Sort one saved key into LoRA factors or a whole-tensor replacement."""
+def _add_key(adapter: Adapter, info: TensorInfo, copies: list[TensorInfo]) -> None:
+    """Sort one saved key into LoRA factors or a whole-tensor replacement (``modules_to_save`` copies aside)."""
     key = info.name
     if not key.startswith(PEFT_PREFIX):
         raise UserError(f"{adapter.weights}: key {key!r} does not start with {PEFT_PREFIX!r}; "
@@ -163,10 +169,31 @@ def _add_key(adapter: Adapter, info: TensorInfo) -> None:
             return
     if ".lora_" in name or ".token_adapter." in name:
         raise UserError(f"{adapter.weights}: key {key!r} is a peft weight this merge does not know how to apply")
-    target = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+    if ".original_module." in name:
+        return
+    if ".modules_to_save." in name:
+        copies.append(info)
+        return
+    _add_replacement(adapter, name.replace(".base_layer.", "."), info)
+
+
+def _add_replacement(adapter: Adapter, target: str, info: TensorInfo) -> None:
     if target in adapter.replacements:
-        raise UserError(f"{adapter.weights}: two keys replace the same tensor {target!r}")
+        raise UserError(f"{adapter.weights}: two keys replace the same tensor {target!r} "
+                        f"({adapter.replacements[target].name!r} and {info.name!r})")
     adapter.replacements[target] = info
+
+
+def _add_copy(adapter: Adapter, copy: TensorInfo) -> None:
+    """``<m>.modules_to_save.weight`` stands for ``<m>.weight``; when both were saved they must be identical."""
+    target = copy.name[len(PEFT_PREFIX):].replace(".modules_to_save.", ".")
+    saved = adapter.replacements.get(target)
+    if saved is None or saved.name != PEFT_PREFIX + target:
+        _add_replacement(adapter, target, copy)
+        return
+    if saved.dtype != copy.dtype or saved.shape != copy.shape or not same_bytes(saved, copy):
+        raise UserError(f"{adapter.weights}: {saved.name!r} and {copy.name!r} are two saves of the same trained "
+                        "module but hold different values; the adapter file is inconsistent")
 
 
 def _finish_module(adapter: Adapter, lora: LoraModule) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,12 +25,15 @@ from .output import (
     publish,
     staging_dir,
     tokenizer_files,
+    tokenizer_length,
     write_json,
 )
 from .plan import MergePlan, OutputTensor, build_plan, parse_dtype
 from .safetensors_io import CODE_TO_TORCH, ShardWriter, TensorReader, plan_shards
 
 Log = Callable[[str], None]
+# Embedding rows may be the tokenizer's length rounded up to one of these (resize_token_embeddings_to_32x, ...).
+_VOCAB_MULTIPLES = (1, 32, 64, 128)
 
 
 class MergeVerificationError(RuntimeError):
@@ -138,9 +142,12 @@ def merge_lora(
     adapter = load_adapter(adapter_dir)
     plan = build_plan(base, adapter, out_dtype)
     tokenizer_sources = _tokenizer_sources(tokenizer_dir, base_dir)
+    if plan.vocab_size is not None:
+        _check_tokenizer_fits(plan.vocab_size, tokenizer_sources, adapter)
     log(f"merging {adapter_dir} into {base_dir}: {plan.merged_modules} LoRA modules, {plan.replaced} replaced "
         f"tensors, output {_dtype_name(plan.output_dtype)}"
-        + (" (lm_head untied from the embedding)" if plan.untied else ""))
+        + (" (lm_head untied from the embedding)" if plan.untied else "")
+        + (f" (vocabulary resized to {plan.vocab_size})" if plan.vocab_size is not None else ""))
     verifier = _Verifier(verify, tolerance)
     with staging_dir(output_dir) as tmp:
         total_size, shard_count = _write_weights(plan, adapter, tmp, verifier, max_shard_size, log)
@@ -182,6 +189,23 @@ def _tokenizer_sources(tokenizer_dir: Path | None, base_dir: Path) -> list[Path]
     return found
 
 
+def _check_tokenizer_fits(rows: int, tokenizer_sources: list[Path], adapter: Adapter) -> None:
+    """A resized vocabulary belongs to the tokenizer it was resized for (the run's, with its added tokens).
+
+    With another one (say the base's) the merged model would have tokens without rows or trained rows no token
+    reaches. Rows may exceed the tokenizer's length only by rounding up to a multiple (resize_token_embeddings_to_32x).
+    Tokenizers without a tokenizer.json are not checked.
+    """
+    tokens = tokenizer_length(tokenizer_sources)
+    if tokens is None or rows in {-(-tokens // m) * m for m in _VOCAB_MULTIPLES}:
+        return
+    where = next(p.parent for p in tokenizer_sources if p.name == "tokenizer.json")
+    raise UserError(
+        f"{adapter.weights}: the adapter's embeddings have {rows} rows (a resized vocabulary), but the tokenizer the "
+        f"merged model would get, from {where}, has {tokens} tokens; merge with the tokenizer of the run that "
+        "trained this adapter (its tokenizer files saved next to the adapter)")
+
+
 def _write_weights(plan: MergePlan, adapter: Adapter, tmp: Path, verifier: _Verifier, max_shard_size: int,
                    log: Log) -> tuple[int, int]:
     """Write all output shards and the index; returns (total bytes of tensors, shard count)."""
@@ -207,7 +231,7 @@ def _write_weights(plan: MergePlan, adapter: Adapter, tmp: Path, verifier: _Veri
         finally:
             if ctx.base_reader is not None:
                 ctx.base_reader.close()
-    params = sum(by_name[n].source.numel for n in weight_map)
+    params = sum(math.prod(by_name[n].shape) for n in weight_map)
     index = {"metadata": {"total_size": total, "total_parameters": params},
              "weight_map": dict(sorted(weight_map.items()))}
     write_json(tmp / "model.safetensors.index.json", index)

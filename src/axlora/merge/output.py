@@ -135,3 +135,16 @@ def tokenizer_files(directory: Path) -> list[Path]:
         found += sorted(directory.glob(pattern))
     found += [directory / n for n in TOKENIZER_DIRS if (directory / n).is_dir()]
     return found
+
+
+def tokenizer_length(files: list[Path]) -> int | None:
+    """``len(tokenizer)`` (added tokens included) from a tokenizer.json among ``files``; None without one."""
+    path = next((p for p in files if p.name == "tokenizer.json"), None)
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises plain Exception for unreadable files
+        raise UserError(f"{path}: not a readable tokenizer ({e})") from e

@@ -2,6 +2,10 @@
 
 All adapter/base mismatches (unknown keys, wrong shapes, missing biases) are found here, from headers alone,
 so a bad adapter fails in a second instead of after minutes of writing.
+
+One shape change is legitimate: after tokens were added to the vocabulary, peft saves the input embedding and
+the output head whole, with more (or, shrunk, fewer) rows than the base. The merged model then takes those
+tensors and announces the new ``vocab_size`` in its config.json.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class OutputTensor:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.source.shape
+        """The replacement's shape when there is one: it differs from the base's only for a resized vocabulary."""
+        return self.replacement.shape if self.replacement is not None else self.source.shape
 
     @property
     def planned(self) -> PlannedTensor:
@@ -58,6 +63,7 @@ class MergePlan:
     tensors: list[OutputTensor]
     config: dict[str, Any]
     untied: bool  # lm_head was tied to the embedding in the base and is written separately now
+    vocab_size: int | None = None  # rows of the resized vocabulary; None when the base's is kept
 
     @property
     def merged_modules(self) -> int:
@@ -98,16 +104,23 @@ def build_plan(base: BaseModel, adapter: Adapter, dtype: torch.dtype | None) -> 
         name: OutputTensor(name, info, out_code if out_code and info.dtype in FLOAT_CODES else info.dtype)
         for name, info in sources.items()
     }
+    embed = _input_embedding(base)
+    vocab = [name for name in (embed, LM_HEAD) if name is not None and name in entries]
     for target, info in adapter.replacements.items():
         entry = _entry(entries, base, adapter, target, info.name)
-        _check_same_shape(adapter, info, entry)
+        _check_replacement(adapter, info, entry, vocab)
         entry.replacement = info
+    if untied and embed is not None:
+        _share_embedding_base_layer(entries[embed], entries[LM_HEAD])
+    vocab_size = _resized_vocab(base, adapter, entries, embed, vocab)
+    if vocab_size is not None:
+        config = _with_vocab_size(config, vocab_size)
     for lora in adapter.modules.values():
-        _attach_lora(entries, base, adapter, lora)
+        _attach_lora(entries, base, adapter, lora, vocab)
     for entry in entries.values():
         if entry.dtype not in ITEM_SIZE:
             raise UserError(f"{entry.source.path}: tensor {entry.name!r} has unknown dtype {entry.dtype}")
-    return MergePlan(list(entries.values()), config, untied)
+    return MergePlan(list(entries.values()), config, untied, vocab_size)
 
 
 def _input_embedding(base: BaseModel) -> str | None:
@@ -120,8 +133,8 @@ def _untie_lm_head(base: BaseModel, adapter: Adapter, sources: dict[str, TensorI
 
     peft's forward keeps lm_head on the original (shared) matrix when only the embedding is replaced or
     LoRA-adapted, and uses its own copy when lm_head is in modules_to_save; writing lm_head separately and
-    setting ``tie_word_embeddings: false`` reproduces exactly that. If the adapter touches neither, the tie
-    is kept and no lm_head is written.
+    setting ``tie_word_embeddings: false`` reproduces exactly that (see ``_share_embedding_base_layer`` for an
+    embedding saved whole). If the adapter touches neither, the tie is kept and no lm_head is written.
     """
     if LM_HEAD in base.tensors or not base.config.get("tie_word_embeddings", True):
         return False
@@ -148,24 +161,79 @@ def _entry(entries: dict[str, OutputTensor], base: BaseModel, adapter: Adapter, 
     return entry
 
 
-def _check_same_shape(adapter: Adapter, info: TensorInfo, entry: OutputTensor) -> None:
-    if info.shape != entry.shape:
+def _share_embedding_base_layer(embed: OutputTensor, lm_head: OutputTensor) -> None:
+    """A tied lm_head is, in peft's forward, the very matrix saved as the embedding's ``base_layer.weight``.
+
+    That saved matrix is the base's own unless the vocabulary was resized; then only it holds the new rows.
+    """
+    if lm_head.replacement is None and embed.replacement is not None and ".base_layer." in embed.replacement.name:
+        lm_head.replacement = embed.replacement
+
+
+def _check_replacement(adapter: Adapter, info: TensorInfo, entry: OutputTensor, vocab: list[str]) -> None:
+    """A replacement has the base tensor's shape, except for the row count of a resized vocabulary."""
+    base_shape = entry.source.shape
+    resized = entry.name in vocab and len(info.shape) == len(base_shape) == 2 and info.shape[1] == base_shape[1]
+    if info.shape != base_shape and not resized:
         raise UserError(
             f"{adapter.weights}: {info.name!r} has shape {list(info.shape)} but base tensor {entry.name!r} has "
-            f"shape {list(entry.shape)}; the adapter does not fit this base model (resized vocabulary or another "
-            "model)")
+            f"shape {list(base_shape)}; the adapter does not fit this base model")
     if info.dtype not in FLOAT_CODES or entry.source.dtype not in FLOAT_CODES:
         raise UserError(f"{adapter.weights}: {info.name!r} ({info.dtype}) cannot replace {entry.name!r} "
                         f"({entry.source.dtype}); only floating-point tensors can be replaced")
 
 
-def _attach_lora(entries: dict[str, OutputTensor], base: BaseModel, adapter: Adapter, lora: LoraModule) -> None:
+def _resized_vocab(base: BaseModel, adapter: Adapter, entries: dict[str, OutputTensor], embed: str | None,
+                   vocab: list[str]) -> int | None:
+    """The new vocabulary size when the adapter's embeddings changed row count, else None.
+
+    Every vocabulary tensor of the output must then come from the adapter at the same new size: one left at the
+    base's size would not load, and the new rows' values exist only in the adapter.
+    """
+    resized = [entries[name] for name in vocab if entries[name].shape != entries[name].source.shape]
+    if not resized:
+        return None
+    if embed is None:
+        raise UserError(f"{adapter.weights}: {resized[0].replacement.name!r} resizes the vocabulary, but which base "
+                        f"tensor of {base.directory} is the input embedding could not be determined")
+    rows = {entries[name].shape[0] for name in vocab}
+    if len(rows) > 1:
+        found = "; ".join(_vocab_source(entries[name]) for name in vocab)
+        raise UserError(
+            f"{adapter.weights}: the adapter resizes the vocabulary, but the embedding and output head disagree "
+            f"on its size: {found}. An adapter trained on a resized vocabulary must hold both resized tensors "
+            "(peft saves them with save_embedding_layers=True)")
+    return rows.pop()
+
+
+def _vocab_source(entry: OutputTensor) -> str:
+    if entry.replacement is None:
+        return f"{entry.name} has {entry.shape[0]} rows (the base's: the adapter does not hold it)"
+    return f"{entry.name} has {entry.shape[0]} rows (from {entry.replacement.name!r})"
+
+
+def _with_vocab_size(config: dict[str, Any], rows: int) -> dict[str, Any]:
+    """config.json must announce the resized vocabulary or transformers refuses the weights; multimodal
+    configs (gemma3, llava, ...) keep it in ``text_config``."""
+    config = dict(config)
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        config["text_config"] = {**text, "vocab_size": rows}
+    if "vocab_size" in config or not isinstance(text, dict):
+        config["vocab_size"] = rows
+    return config
+
+
+def _attach_lora(entries: dict[str, OutputTensor], base: BaseModel, adapter: Adapter, lora: LoraModule,
+                 vocab: list[str]) -> None:
     """Find the weight a LoRA module modifies and decide its layout from the shapes (config only if square)."""
     assert lora.a is not None and lora.b is not None  # guaranteed by load_adapter
     entry = _entry(entries, base, adapter, lora.weight_name, lora.a.name)
     out_features, in_features = lora.b.shape[0], lora.a.shape[1]
     normal, flipped = (out_features, in_features), (in_features, out_features)
     shape = entry.shape
+    if entry.name in vocab:
+        _refuse_lora_on_other_vocab(adapter, lora, entry, (normal, flipped))
     if entry.source.dtype not in FLOAT_CODES or len(shape) != 2 or shape not in (normal, flipped):
         raise UserError(
             f"{adapter.weights}: LoRA for {lora.module!r} (lora_A {list(lora.a.shape)}, lora_B {list(lora.b.shape)}) "
@@ -191,3 +259,18 @@ def _attach_lora(entries: dict[str, OutputTensor], base: BaseModel, adapter: Ada
             raise UserError(f"{adapter.weights}: {lora.bias.name!r} has shape {list(lora.bias.shape)}, base bias "
                             f"{lora.bias_name!r} has shape {list(bias_entry.shape)}; expected [{out_features}]")
         bias_entry.bias_of = lora
+
+
+def _refuse_lora_on_other_vocab(adapter: Adapter, lora: LoraModule, entry: OutputTensor,
+                                layouts: tuple[tuple[int, int], ...]) -> None:
+    """A LoRA that fits the embedding/head but for its row count was trained on a resized vocabulary whose
+    resized weight the adapter lacks: say so, rather than blame another base model."""
+    shape = entry.shape
+    if entry.replacement is not None or len(shape) != 2 or shape in layouts:
+        return
+    rows = [layout[0] for layout in layouts if layout[1] == shape[1]]
+    if rows:
+        raise UserError(
+            f"{adapter.weights}: LoRA for {lora.module!r} was trained on a vocabulary of {rows[0]} rows, but "
+            f"{entry.name!r} has {shape[0]} rows and the adapter does not hold the resized weight; save the adapter "
+            "with peft's save_embedding_layers=True (from the run's model, resized to its tokenizer) to merge it")

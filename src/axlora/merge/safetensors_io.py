@@ -145,6 +145,24 @@ class TensorReader:
             got += n
 
 
+def same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    """Whether two stored tensors hold identical bytes, compared in bounded chunks (never whole tensors)."""
+    if a.nbytes != b.nbytes:
+        return False
+    with TensorReader(a.path) as ra, TensorReader(b.path) as rb:
+        size = min(_COPY_CHUNK, a.nbytes)
+        buf_a, buf_b = bytearray(size), bytearray(size)
+        done = 0
+        while done < a.nbytes:
+            n = min(size, a.nbytes - done)
+            ra._read_into(a.start + done, memoryview(buf_a)[:n])
+            rb._read_into(b.start + done, memoryview(buf_b)[:n])
+            if memoryview(buf_a)[:n] != memoryview(buf_b)[:n]:
+                return False
+            done += n
+    return True
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """A tensor an output shard will hold: header fields known before any data is written."""
