@@ -8,6 +8,7 @@ Under an existing launcher (accelerate, torchrun, SLURM with torchrun) the run h
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -20,8 +21,8 @@ from axlora.config.schema import Config
 from axlora.errors import RunFailed, UserError
 
 _LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_PROCESS_ID")
-# where workers leave their exit status: the launcher reports 2 when a worker refused bad input, although
-# accelerate/torchrun themselves exit 1 for any failed worker
+# where workers leave their exit status and error: the launcher prints each error once (not once per rank)
+# and reports 2 when a worker refused bad input, although accelerate/torchrun exit 1 for any failed worker
 _STATUS_DIR_ENV = "AXLORA_WORKER_STATUS_DIR"
 
 
@@ -141,7 +142,8 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
         try:
             run_training(config)
         except (UserError, RunFailed) as exc:
-            _leave_status(exc.exit_code)
+            if _leave_status(exc.exit_code, str(exc)):
+                return exc.exit_code  # the launcher prints it, once for all ranks
             raise
         return 0
     plan = plan_launch(config)
@@ -163,16 +165,22 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
     command = [sys.executable, "-m", "axlora.workers", *arguments]
     with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
         returncode = subprocess.run(command, check=False, env={**os.environ, _STATUS_DIR_ENV: status_dir}).returncode
-        statuses = {int(path.read_text()) for path in Path(status_dir).glob("rank-*")}
-    if returncode and UserError.exit_code in statuses:
+        statuses = [json.loads(path.read_text()) for path in sorted(Path(status_dir).glob("rank-*"))]
+    for message in dict.fromkeys(status["message"] for status in statuses):
+        print(f"error: {message}", file=sys.stderr)
+    if returncode and UserError.exit_code in {status["exit_code"] for status in statuses}:
         return UserError.exit_code
     return returncode
 
 
-def _leave_status(exit_code: int) -> None:
+def _leave_status(exit_code: int, message: str) -> bool:
+    """Hand a worker's error to the launcher; False where there is none to take it (other machines)."""
     status_dir = os.environ.get(_STATUS_DIR_ENV)
-    if status_dir and Path(status_dir).is_dir():  # not there on the other machines of a multi-node run
-        (Path(status_dir) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(exit_code))
+    if not (status_dir and Path(status_dir).is_dir()):
+        return False
+    status = json.dumps({"exit_code": exit_code, "message": message})
+    (Path(status_dir) / f"rank-{os.environ.get('RANK', '0')}").write_text(status)
+    return True
 
 
 def _become_single_worker(plan: LaunchPlan) -> None:

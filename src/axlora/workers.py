@@ -1,11 +1,13 @@
 """``python -m axlora.workers ARGS``: ``accelerate launch ARGS``, without a traceback when a worker fails.
 
-Every worker reports its own error (a bad-input message, or its traceback); accelerate's launcher would
-then add a ChildFailedError traceback of its own that tells the user nothing more.
+A worker's traceback is its own; a bad-input message goes to ``axlora train``, which prints it once for
+all ranks. accelerate's launcher would add a ChildFailedError traceback and torchrun log lines that tell
+the user nothing more than the one line printed here.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -15,12 +17,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    # its "failed (exitcode ...)" / "Sending ... SIGTERM" lines repeat what the one line below says
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     try:
         launch_command(args)
     except ChildFailedError as exc:
         failed = ", ".join(f"rank {rank} (exit status {failure.exitcode})"
                            for rank, failure in sorted(exc.failures.items()))
-        print(f"error: worker process failed: {failed}; its messages are above", file=sys.stderr)
+        print(f"error: worker process failed: {failed}", file=sys.stderr)
         return 1
     return 0
 

@@ -35,6 +35,9 @@ def make_accelerator(config: Config, mixed_precision: str, deepspeed: DeepSpeedS
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
+    if not cuda:
+        # accelerate imports DeepSpeed whenever it is installed, which then warns that it guessed the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     timeout = timedelta(seconds=config.ddp_timeout)
     if deepspeed is None:
         return Accelerator(mixed_precision=mixed_precision, cpu=not cuda,
