@@ -248,3 +248,18 @@ def test_a_changed_lora_is_refused(tmp_path, tiny_model_dir):
     assert "Two ways forward" in str(refused.value) and "lora_target_modules" not in str(refused.value)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "r": 4}))
     check_adapter_unchanged(tmp_path, model)  # unchanged: no complaint
+
+
+@pytest.mark.slow
+def test_a_fresh_run_sets_an_earlier_run_s_checkpoints_aside(make_config, tmp_path):
+    """Never deleted (a run started without `auto` by mistake), never resumed by a later `auto` either."""
+    out = tmp_path / "out"
+    first = make_config("first.yml", max_steps=4, save_steps=2, seed=1)
+    assert run_cli("train", str(first)).returncode == 0
+    earlier = (out / "checkpoints" / "step-2" / WEIGHTS).read_bytes()
+    result = run_cli("train", str(make_config("second.yml", max_steps=4, save_steps=2, seed=2)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"are moved to {out / 'checkpoints-earlier-1'}" in result.stdout
+    assert (out / "checkpoints-earlier-1" / "step-2" / WEIGHTS).read_bytes() == earlier
+    assert [p.name for p in complete_checkpoints(out)] == ["step-2"]
+    assert (out / "checkpoints" / "step-2" / WEIGHTS).read_bytes() != earlier  # the second run's own

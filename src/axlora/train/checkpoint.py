@@ -271,21 +271,27 @@ def resume_notes(path: Path, config: Config, state: dict[str, Any], total_steps:
     return notes
 
 
-def clear_earlier_checkpoints(output_dir: Path, log=print) -> None:
-    """A fresh run removes the checkpoints of an earlier run in its ``output_dir`` (and any half-written save).
+def set_aside_earlier_checkpoints(output_dir: Path, log=print) -> Path | None:
+    """A fresh run moves an earlier run's checkpoints in its ``output_dir`` to ``checkpoints-earlier-N/``.
 
-    Otherwise a later ``resume_from_checkpoint: auto`` (a re-queued job) would take the earlier run's
-    checkpoint for this run's. Like ``final/`` and ``logs/``, the earlier run's outputs are replaced.
+    Left in place, a later ``resume_from_checkpoint: auto`` (a re-queued job) would take the earlier run's
+    checkpoint for this run's; deleted, a run started without ``auto`` by mistake would throw away hours of
+    training. Moved aside, they can still be resumed (``resume_from_checkpoint: <that dir>/step-N``).
+    Half-written saves are never trusted and are removed. Returns where the checkpoints went.
     """
-    root = output_dir / "checkpoints"
-    earlier = complete_checkpoints(output_dir)
-    if earlier:
-        log(f"checkpoints: removing {len(earlier)} checkpoint(s) of an earlier run in {root} "
-            f"({', '.join(p.name for p in earlier)}): this run starts fresh (resume_from_checkpoint: auto "
-            "would have continued them)")
-    for path in earlier:
-        shutil.rmtree(path, ignore_errors=True)
     remove_unfinished_saves(output_dir)
+    earlier = complete_checkpoints(output_dir)
+    if not earlier:
+        return None
+    index = 1
+    while (output_dir / f"checkpoints-earlier-{index}").exists():
+        index += 1
+    target = output_dir / f"checkpoints-earlier-{index}"
+    (output_dir / "checkpoints").rename(target)
+    log(f"checkpoints: this run starts fresh; the {len(earlier)} checkpoint(s) of an earlier run in this output_dir "
+        f"({', '.join(p.name for p in earlier)}) are moved to {target} (resume_from_checkpoint: auto would have "
+        "continued them; delete that directory once it is not needed)")
+    return target
 
 
 def remove_unfinished_saves(output_dir: Path) -> None:

@@ -82,7 +82,7 @@ def run_training(config: Config, log=print) -> RunResult:
     state = ckpt.read_checkpoint_state(resume_from, resume_key) if resume_from is not None else None
     if is_main:
         if state is None:
-            ckpt.clear_earlier_checkpoints(output_dir, say)
+            ckpt.set_aside_earlier_checkpoints(output_dir, say)
         else:
             ckpt.remove_unfinished_saves(output_dir)
     train_rows, collate = _layout_rows(prepared, config, tokenizer, say)
