@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from axlora.config.plan import describe_plan
 from axlora.config.schema import Config
 from axlora.train.fsdp import fsdp_settings
 
@@ -152,6 +153,8 @@ def test_axolotl_fsdp1_and_fsdp2_configs_map_onto_fully_shard():
     assert any("cpu_ram_efficient_loading" in note for note in fsdp2.notes)
     assert fsdp_settings(_config()) is None
     assert _config(fsdp_config={"activation_checkpointing": True}).gradient_checkpointing is True
+    plan = describe_plan(_config(fsdp="shard_grad_op", fsdp_config={"fsdp_sync_module_states": True}))
+    assert "FSDP2 SHARD_GRAD_OP per decoder layer" in plan and "note: fsdp_config: sync_module_states" in plan
     with pytest.raises(ValueError, match="same setting"):
         _config(fsdp_config={"offload_params": True, "fsdp_offload_params": False})
 

@@ -11,6 +11,7 @@ from axlora.data.prepare import val_row_count
 from axlora.demo import is_builtin
 from axlora.errors import UserError
 from axlora.model.adapter import plan_adapter
+from axlora.train.fsdp import fsdp_settings
 
 
 def count_local_rows(dataset: DatasetConfig) -> int | None:
@@ -60,7 +61,10 @@ def describe_plan(config: Config) -> str:
     if config.resume_from_checkpoint:
         lines.append(f"resume_from_checkpoint: {config.resume_from_checkpoint}")
     processes = f"{config.num_processes or 'every visible GPU (else 1)'} process(es) per machine"
+    fsdp = fsdp_settings(config)
     lines.append(f"hardware: {processes} x {config.num_machines} machine(s)"
                  + (f", DeepSpeed {config.deepspeed}" if config.deepspeed else "")
-                 + (", FSDP (fully_shard)" if config.uses_fsdp() else ""))
+                 + (f", FSDP2 {fsdp.describe()} per {', '.join(fsdp.layer_classes or ['decoder layer'])}"
+                    if fsdp else ""))
+    lines += [f"note: {note}" for note in (fsdp.notes if fsdp else ())]
     return "\n".join(lines)
