@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +90,38 @@ def main_in_process(capsys, *args: str) -> SimpleNamespace:
     code = main(list(args))
     out, err = capsys.readouterr()
     return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+
+def logged(out: Path, key: str = "loss") -> list[float]:
+    """The values of ``key`` in a run's logs/metrics.jsonl, in step order."""
+    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]
+
+
+def train_ok(config_path: Path) -> subprocess.CompletedProcess:
+    """``axlora train`` that must succeed; on failure the assertion shows the end of its output."""
+    result = run_cli("train", str(config_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def resumed_against_uninterrupted(make_config, tmp_path: Path, settings: dict) -> SimpleNamespace:
+    """Train 4 steps (checkpoints every 2), then resume a copy of its checkpoints with ``auto``: both runs."""
+    train_ok(make_config("full.yml", output_dir=str(tmp_path / "full"), **settings))
+    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    result = train_ok(make_config("resume.yml", output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="auto",
+                                  **settings))
+    assert "resumed from checkpoints/step-2 at step 2/4" in result.stdout
+    return SimpleNamespace(full=tmp_path / "full", resumed=tmp_path / "resumed", result=result)
+
+
+def assert_same_final_adapter(one: Path, other: Path) -> None:
+    """Bitwise the same tensors in both runs' final adapters."""
+    import torch
+    from safetensors.torch import load_file
+
+    first = load_file(one / "final" / "adapter_model.safetensors")
+    second = load_file(other / "final" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(second[name], tensor), name

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -14,7 +12,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from axlora.errors import UserError
 from axlora.train.chunked_loss import ChunkedCrossEntropy, check_supported, linear_cross_entropy
 
-from conftest import run_cli
+from conftest import logged, run_cli
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 64])
@@ -67,11 +65,6 @@ def test_refused_where_logits_are_more_than_the_head():
         check_supported(peft_model.get_base_model())
 
 
-def _losses(out) -> list[float]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_training_with_chunked_loss_equals_training_without(make_config, tmp_path, packing):
@@ -81,7 +74,7 @@ def test_training_with_chunked_loss_equals_training_without(make_config, tmp_pat
                                                   chunked_cross_entropy=chunked, **common)))
         assert result.returncode == 0, result.stderr[-3000:]
     assert "loss: chunked cross-entropy" in result.stdout
-    assert _losses(tmp_path / "chunked") == pytest.approx(_losses(tmp_path / "own"), rel=1e-5)
+    assert logged(tmp_path / "chunked") == pytest.approx(logged(tmp_path / "own"), rel=1e-5)
     own = load_file(tmp_path / "own" / "final" / "adapter_model.safetensors")
     chunked = load_file(tmp_path / "chunked" / "final" / "adapter_model.safetensors")
     for name, tensor in own.items():

@@ -7,7 +7,6 @@ optimizer state, ZeRO-3 partitioned weights gathered for saving and generation) 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -18,22 +17,11 @@ from axlora.config.schema import Config
 from axlora.deepspeed_config import load_deepspeed_setup
 from axlora.errors import UserError
 
-from conftest import run_cli
+from conftest import assert_same_final_adapter, logged, resumed_against_uninterrupted, run_cli, train_ok
 
 pytestmark = pytest.mark.slow
 
 COMMON = {"max_steps": 4, "gradient_accumulation_steps": 2, "seed": 7, "save_steps": 2}
-
-
-def _losses(out) -> list[float]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
-
-
-def _train(config_path):
-    result = run_cli("train", str(config_path))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +30,7 @@ def one_process(tmp_path_factory, tiny_model_dir, alpaca_file):
     root = tmp_path_factory.mktemp("one")
     config = _write(root / "one.yml", tiny_model_dir, alpaca_file, micro_batch_size=4, output_dir=str(root / "out"),
                     **COMMON)
-    _train(config)
+    train_ok(config)
     return root / "out"
 
 
@@ -60,12 +48,12 @@ def _write(path, model, data, **overrides):
 def test_zero_on_two_processes_trains_the_same_adapter_as_one_process(preset, one_process, make_config, tmp_path):
     config = make_config(micro_batch_size=2, num_processes=2, deepspeed=preset, output_dir=str(tmp_path / "ds"),
                          sample_prompts=["What is 2 + 3?"], sample_max_new_tokens=3, **COMMON)
-    result = _train(config)
+    result = train_ok(config)
     out = tmp_path / "ds"
     assert "launch: 2 processes" in result.stdout
     assert f"deepspeed: ZeRO stage {preset[-1]} (preset {preset}) on 2 process(es)" in result.stdout
 
-    assert _losses(out) == pytest.approx(_losses(one_process), rel=1e-5)
+    assert logged(out) == pytest.approx(logged(one_process), rel=1e-5)
     ours = load_file(out / "final" / "adapter_model.safetensors")
     reference = load_file(one_process / "final" / "adapter_model.safetensors")
     assert ours.keys() == reference.keys()
@@ -87,22 +75,14 @@ def test_zero_on_two_processes_trains_the_same_adapter_as_one_process(preset, on
 def test_zero3_resume_is_exact(make_config, tmp_path):
     """With dropout, so every rank's RNG state must come back too."""
     settings = {"micro_batch_size": 2, "num_processes": 2, "deepspeed": "zero3", "lora_dropout": 0.1, **COMMON}
-    _train(make_config("full.yml", output_dir=str(tmp_path / "full"), **settings))
-    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
-    result = _train(make_config("resume.yml", output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="auto",
-                                **settings))
-    assert "resumed from checkpoints/step-2 at step 2/4" in result.stdout
-    full = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
-    for name, tensor in full.items():
-        assert torch.equal(resumed[name], tensor), name
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")[2:]
-
+    runs = resumed_against_uninterrupted(make_config, tmp_path, settings)
+    assert_same_final_adapter(runs.full, runs.resumed)
+    assert logged(runs.resumed) == logged(runs.full)[2:]
 
 def test_resume_with_another_zero_stage_is_refused(make_config, tmp_path):
     out = tmp_path / "run"
     settings = {"micro_batch_size": 2, "num_processes": 2, "max_steps": 2, "save_steps": 1, "output_dir": str(out)}
-    _train(make_config("zero2.yml", deepspeed="zero2", **settings))
+    train_ok(make_config("zero2.yml", deepspeed="zero2", **settings))
     result = run_cli("train", str(make_config("zero3.yml", deepspeed="zero3", resume_from_checkpoint=str(
         out / "checkpoints" / "step-1"), **settings)))
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
@@ -157,20 +137,20 @@ def test_axolotl_deepspeed_paths_map_to_the_shipped_presets(tmp_path):
 
 def test_zero_on_one_process_trains_here_as_a_world_of_one(one_process, make_config, tmp_path):
     config = make_config(micro_batch_size=4, deepspeed="zero2", output_dir=str(tmp_path / "ds"), **COMMON)
-    result = _train(config)
+    result = train_ok(config)
     assert "launch:" not in result.stdout and "ZeRO stage 2 (preset zero2) on 1 process(es)" in result.stdout
-    assert _losses(tmp_path / "ds") == pytest.approx(_losses(one_process), rel=1e-5)
+    assert logged(tmp_path / "ds") == pytest.approx(logged(one_process), rel=1e-5)
 
 
 def test_zero3_continues_an_adapter_like_one_process(one_process, make_config, tmp_path):
     """lora_model_dir under ZeRO-3: the adapter loads into a base loaded partitioned, and trains on the same."""
     settings = {"lora_model_dir": str(one_process / "final"), "max_steps": 2, "gradient_accumulation_steps": 2,
                 "seed": 11}
-    _train(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **settings))
-    result = _train(make_config("zero3.yml", micro_batch_size=2, num_processes=2, deepspeed="zero3",
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **settings))
+    result = train_ok(make_config("zero3.yml", micro_batch_size=2, num_processes=2, deepspeed="zero3",
                                 output_dir=str(tmp_path / "zero3"), **settings))
     assert "adapter: continue" in result.stdout
-    assert _losses(tmp_path / "zero3") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
     one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     zero3 = load_file(tmp_path / "zero3" / "final" / "adapter_model.safetensors")
     for name, tensor in one.items():

@@ -8,7 +8,6 @@ DDP on a CPU-only machine.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -18,25 +17,15 @@ from axlora.config.plan import describe_plan
 from axlora.config.schema import Config
 from axlora.train.fsdp import fsdp_settings
 
-from conftest import run_cli
+from conftest import assert_same_final_adapter, logged, resumed_against_uninterrupted, run_cli, train_ok
 
 pytestmark = pytest.mark.slow
+WEIGHTS = "adapter_model.safetensors"
 
 # 93 train rows, 4 rows a step: the epoch's last step has one row, so rank 1 has no micro batch in it; 3
 # validation rows: rank 0 evaluates two batches, rank 1 one. Every rank must still run the same forwards.
 UNEVEN = {"num_epochs": 1, "max_steps": None, "val_set_size": 3, "eval_steps": 6, "gradient_accumulation_steps": 2, "seed": 7,
           "save_steps": 12}
-
-
-def _losses(out, key="loss") -> list[float]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [row[key] for row in rows if key in row]
-
-
-def _train(config_path):
-    result = run_cli("train", str(config_path))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
 
 
 def _assert_same_adapter(ours_dir, reference_dir, **tolerance):
@@ -49,12 +38,12 @@ def _assert_same_adapter(ours_dir, reference_dir, **tolerance):
 
 
 def test_fsdp_on_two_processes_shards_and_trains_the_same_adapter_as_one_process(make_config, tmp_path):
-    _train(make_config("one.yml", micro_batch_size=2, output_dir=str(tmp_path / "one"), **UNEVEN))
+    train_ok(make_config("one.yml", micro_batch_size=2, output_dir=str(tmp_path / "one"), **UNEVEN))
     # Axolotl's FSDP1 spelling, mapped onto FSDP2
     fsdp = {"fsdp": ["full_shard", "auto_wrap"],
             "fsdp_config": {"fsdp_activation_checkpointing": True, "fsdp_use_orig_params": False,
                             "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}}
-    result = _train(make_config("fsdp.yml", micro_batch_size=1, num_processes=2, output_dir=str(tmp_path / "fsdp"),
+    result = train_ok(make_config("fsdp.yml", micro_batch_size=1, num_processes=2, output_dir=str(tmp_path / "fsdp"),
                                 sample_prompts=["What is 2 + 3?"], sample_max_new_tokens=3, **fsdp, **UNEVEN))
     out = tmp_path / "fsdp"
     assert "launch: 2 processes" in result.stdout
@@ -68,8 +57,8 @@ def test_fsdp_on_two_processes_shards_and_trains_the_same_adapter_as_one_process
     assert summary["world_size"] == 2 and isinstance(summary["samples"][0]["after"], str)  # all ranks generated
     assert (out / "final" / "axlora.yml").read_text().count("gradient_checkpointing: true") == 1
 
-    assert _losses(out) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    assert _losses(out, "eval_loss") == pytest.approx(_losses(tmp_path / "one", "eval_loss"), rel=1e-6)
+    assert logged(out) == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+    assert logged(out, "eval_loss") == pytest.approx(logged(tmp_path / "one", "eval_loss"), rel=1e-6)
     _assert_same_adapter(out, tmp_path / "one", rtol=1e-4, atol=1e-6)
     # the adapter and its optimizer state are whole on every rank: saved once, as without sharding
     checkpoint = out / "checkpoints" / "step-12"
@@ -82,26 +71,18 @@ def test_fsdp_resume_is_exact_and_keeps_trained_embeddings(make_config, tmp_path
     settings = {"micro_batch_size": 2, "num_processes": 2, "fsdp_version": 2, "fsdp_config": {},
                 "lora_dropout": 0.1, "tokens": ["<|x|>"], "lora_modules_to_save": ["embed_tokens", "lm_head"],
                 "max_steps": 4, "gradient_accumulation_steps": 2, "seed": 7, "save_steps": 2}
-    _train(make_config("full.yml", output_dir=str(tmp_path / "full"), **settings))
-    shutil.copytree(tmp_path / "full" / "checkpoints", tmp_path / "resumed" / "checkpoints")
-    result = _train(make_config("resume.yml", output_dir=str(tmp_path / "resumed"), resume_from_checkpoint="auto",
-                                **settings))
-    assert "resumed from checkpoints/step-2 at step 2/4" in result.stdout
-    full = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
-    assert any("embed_tokens.modules_to_save" in name for name in full)
-    for name, tensor in full.items():
-        assert torch.equal(resumed[name], tensor), name
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "full")[2:]
-
+    runs = resumed_against_uninterrupted(make_config, tmp_path, settings)
+    assert any("embed_tokens.modules_to_save" in name for name in load_file(runs.full / "final" / WEIGHTS))
+    assert_same_final_adapter(runs.full, runs.resumed)
+    assert logged(runs.resumed) == logged(runs.full)[2:]
 
 def test_fsdp_on_one_process_runs_here_as_a_world_of_one(make_config, tmp_path):
     common = {"micro_batch_size": 4, "max_steps": 3, "seed": 5}
-    _train(make_config("one.yml", output_dir=str(tmp_path / "one"), **common))
-    result = _train(make_config("fsdp.yml", fsdp_config={"reshard_after_forward": False},
+    train_ok(make_config("one.yml", output_dir=str(tmp_path / "one"), **common))
+    result = train_ok(make_config("fsdp.yml", fsdp_config={"reshard_after_forward": False},
                                 output_dir=str(tmp_path / "fsdp"), **common))
     assert "launch:" not in result.stdout and "fsdp: SHARD_GRAD_OP over 1 process(es)" in result.stdout
-    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-6)
+    assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-6)
     _assert_same_adapter(tmp_path / "fsdp", tmp_path / "one", rtol=1e-5, atol=1e-7)
 
 
@@ -161,7 +142,7 @@ def test_axolotl_fsdp1_and_fsdp2_configs_map_onto_fully_shard():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fsdp_bf16_on_gpu(make_config, tmp_path):
-    result = _train(make_config(fsdp_config={}, bf16=True, num_processes=1, output_dir=str(tmp_path / "out")))
+    result = train_ok(make_config(fsdp_config={}, bf16=True, num_processes=1, output_dir=str(tmp_path / "out")))
     summary = json.loads((tmp_path / "out" / "final" / "train_summary.json").read_text())
     assert "fsdp: FULL_SHARD over 1 process(es)" in result.stdout
     assert summary["precision"] == "bf16" and summary["peak_memory_bytes"]["gpu_allocated_bytes"] > 0

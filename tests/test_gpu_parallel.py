@@ -6,13 +6,11 @@ autocast with sharded weights, ZeRO-3 and FSDP moving shards to the device, and 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import logged, run_cli
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 one_gpu = pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
@@ -25,11 +23,6 @@ def _train(make_config, name: str, **overrides):
     result = run_cli("train", str(config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
-
-
-def _losses(out) -> list[float]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
 
 
 def _check_adapter(out, reference) -> None:
@@ -47,7 +40,7 @@ def _check_adapter(out, reference) -> None:
 def test_sharded_bf16_on_one_gpu_trains_like_plain(make_config, tmp_path, sharding):
     _train(make_config, "plain", micro_batch_size=4, output_dir=str(tmp_path / "plain"))
     _train(make_config, "sharded", micro_batch_size=4, output_dir=str(tmp_path / "sharded"), **sharding)
-    assert _losses(tmp_path / "sharded") == pytest.approx(_losses(tmp_path / "plain"), rel=2e-2)
+    assert logged(tmp_path / "sharded") == pytest.approx(logged(tmp_path / "plain"), rel=2e-2)
     _check_adapter(tmp_path / "sharded", tmp_path / "plain")
 
 
@@ -59,5 +52,5 @@ def test_two_gpus_over_nccl_train_like_one(make_config, tmp_path, sharding):
     result = _train(make_config, "two", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "two"),
                     **sharding)
     assert "launch: 2 processes" in result.stdout
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=2e-2)
+    assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=2e-2)
     _check_adapter(tmp_path / "two", tmp_path / "one")

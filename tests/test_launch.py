@@ -8,14 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import logged, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def _losses(out) -> list[float]:
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
 
 
 def test_two_processes_train_the_same_model_as_one(make_config, tmp_path):
@@ -30,7 +25,7 @@ def test_two_processes_train_the_same_model_as_one(make_config, tmp_path):
     # the data was prepared once, by the launcher: both workers report a cache hit
     assert result_two.stdout.count("data: prepared") == 1
 
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
     one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
     assert one.keys() == two.keys()
