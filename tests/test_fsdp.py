@@ -68,13 +68,26 @@ def test_fsdp_on_two_processes_shards_and_trains_the_same_adapter_as_one_process
 
 def test_fsdp_resume_is_exact_and_keeps_trained_embeddings(make_config, tmp_path):
     """Dropout (every rank's RNG must come back) and embeddings trained after adding a token (kept whole)."""
-    settings = {"micro_batch_size": 2, "num_processes": 2, "fsdp_version": 2, "fsdp_config": {},
+    settings = {"micro_batch_size": 2, "num_processes": 2, "fsdp_version": 2,
+                "fsdp_config": {"cpu_ram_efficient_loading": True},  # resized embeddings built on meta, sent by rank 0
                 "lora_dropout": 0.1, "tokens": ["<|x|>"], "lora_modules_to_save": ["embed_tokens", "lm_head"],
                 "max_steps": 4, "gradient_accumulation_steps": 2, "seed": 7, "save_steps": 2}
     runs = resumed_against_uninterrupted(make_config, tmp_path, settings)
     assert any("embed_tokens.modules_to_save" in name for name in load_file(runs.full / "final" / WEIGHTS))
     assert_same_final_adapter(runs.full, runs.resumed)
     assert logged(runs.resumed) == logged(runs.full)[2:]
+
+def test_cpu_ram_efficient_loading_reads_the_weights_on_rank_0_only(make_config, tmp_path):
+    common = {"max_steps": 3, "gradient_accumulation_steps": 2, "seed": 5}
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    result = train_ok(make_config("fsdp.yml", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "fsdp"),
+                                  fsdp_config={"fsdp_cpu_ram_efficient_loading": True}, **common))
+    assert "FULL_SHARD, base loaded by rank 0 only over 2 process(es)" in result.stdout
+    assert result.stderr.count("Loading weights: 100%") == 1  # rank 1 built the model on meta, read nothing
+    # rank 1's shards came from rank 0: uninitialized memory would train something else
+    assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+    _assert_same_adapter(tmp_path / "fsdp", tmp_path / "one", rtol=1e-4, atol=1e-6)
+
 
 def test_fsdp_on_one_process_runs_here_as_a_world_of_one(make_config, tmp_path):
     common = {"micro_batch_size": 4, "max_steps": 3, "seed": 5}
@@ -131,7 +144,7 @@ def test_axolotl_fsdp1_and_fsdp2_configs_map_onto_fully_shard():
     fsdp2 = fsdp_settings(_config(fsdp_version=2, fsdp_config={
         "reshard_after_forward": True, "cpu_ram_efficient_loading": True, "activation_checkpointing": True}))
     assert fsdp2.reshard_after_forward is True and fsdp2.layer_classes is None
-    assert any("cpu_ram_efficient_loading" in note for note in fsdp2.notes)
+    assert fsdp2.load_on_main_only is True and not fsdp2.notes
     assert fsdp_settings(_config()) is None
     assert _config(fsdp_config={"activation_checkpointing": True}).gradient_checkpointing is True
     plan = describe_plan(_config(fsdp="shard_grad_op", fsdp_config={"fsdp_sync_module_states": True}))

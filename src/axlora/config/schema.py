@@ -671,7 +671,8 @@ class FsdpConfig(_Strict):
     )
     activation_checkpointing: bool = Field(default=False, description="Same as gradient_checkpointing: true.")
     cpu_ram_efficient_loading: bool = Field(
-        default=False, description="Accepted for Axolotl configs; every process loads the base into CPU RAM."
+        default=False, description="Only rank 0 reads the base weights; the other processes build the model empty "
+        "and receive their shards from it (CPU RAM for one copy of the base instead of one per process)."
     )
     version: Literal[1, 2] | None = Field(default=None, description="Same as fsdp_version.")
     use_orig_params: bool | None = Field(default=None, description="FSDP1 only; FSDP2 has no such setting.")

@@ -144,23 +144,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], None] = print):
+def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], None] = print, empty: bool = False):
     """The base model in ``dtype`` (quantized when asked), with embeddings sized for ``tokenizer``, ready for a LoRA.
 
-    ``tokenizer`` is the run's tokenizer (loaded again from the config when not given).
+    ``tokenizer`` is the run's tokenizer (loaded again from the config when not given). ``empty``: the
+    structure only, weights on the meta device (another rank loads them and sends them after sharding).
     """
     source = resolve_base_model(config.base_model)
     kwargs = model_load_kwargs(config, dtype, source, log)
     model_cls = _transformers_class(config.model_type or "AutoModelForCausalLM", "model_type")
     try:
-        model = model_cls.from_pretrained(source, **kwargs)
+        model = _empty_model(model_cls, source, kwargs) if empty else model_cls.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise UserError(f"base_model: cannot load '{config.base_model}': {exc}") from None
     except ImportError as exc:
         raise UserError(f"base_model: loading '{config.base_model}' needs a package that is missing: {exc}") from None
     if tokenizer is None:
         tokenizer = load_tokenizer(config, log=lambda _message: None)
-    resize_embeddings(model, len(tokenizer), config, log)
+    # new rows of an empty model get their values from the loading rank: nothing to compute them from here
+    resize_embeddings(model, len(tokenizer), config, log, mean_resizing=config.mean_resizing_embeddings and not empty)
     if config.quantization_bits():
         from peft import prepare_model_for_kbit_training
 
@@ -173,6 +175,24 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
         _enable_checkpointing(model, config.checkpointing_kwargs())
     if config.gradient_checkpointing:
         model.config.use_cache = False
+    return model
+
+
+def _empty_model(model_cls, source: str, kwargs: dict):
+    """The model built from its config with weights on the meta device; buffers (rotary tables) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    model_config = kwargs.get("config") or AutoConfig.from_pretrained(
+        source, trust_remote_code=kwargs["trust_remote_code"],
+        **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
+    build = getattr(model_cls, "from_config", None) or model_cls._from_config
+    options = {key: kwargs[key] for key in ("dtype", "attn_implementation", "trust_remote_code") if key in kwargs}
+    if model_cls.__name__ != "AutoModelForCausalLM":
+        options.pop("trust_remote_code", None)
+    with init_empty_weights(include_buffers=False):
+        model = build(model_config, **options)
+    model.tie_weights()  # from_pretrained ties the embeddings; from_config on meta does not
     return model
 
 
@@ -292,7 +312,8 @@ def require_attention_support(config: Config, implementation: str) -> None:
         )
 
 
-def resize_embeddings(model, vocab_size: int, config: Config, log: Callable[[str], None] = print) -> None:
+def resize_embeddings(model, vocab_size: int, config: Config, log: Callable[[str], None] = print,
+                      mean_resizing: bool | None = None) -> None:
     """Grow the embeddings to the tokenizer's size (or shrink them with ``shrink_embeddings``)."""
     rows = _embedding_rows(model)
     if vocab_size <= rows and not (config.shrink_embeddings and vocab_size < rows):
@@ -300,7 +321,7 @@ def resize_embeddings(model, vocab_size: int, config: Config, log: Callable[[str
     model.resize_token_embeddings(
         vocab_size,
         pad_to_multiple_of=32 if config.resize_token_embeddings_to_32x else None,
-        mean_resizing=config.mean_resizing_embeddings,
+        mean_resizing=config.mean_resizing_embeddings if mean_resizing is None else mean_resizing,
     )
     log(f"model: embeddings resized from {rows} to {_embedding_rows(model)} rows for the tokenizer's {vocab_size} tokens")
 

@@ -24,11 +24,13 @@ class FsdpSettings:
     reshard_after_forward: bool
     offload_params: bool
     layer_classes: tuple[str, ...] | None  # None: the model's own decoder-layer classes
+    load_on_main_only: bool = False  # cpu_ram_efficient_loading: rank 0 reads the weights, sends each its shards
     notes: tuple[str, ...] = field(default=())
 
     def describe(self) -> str:
         strategy = "FULL_SHARD" if self.reshard_after_forward else "SHARD_GRAD_OP"
-        return strategy + (", base weights offloaded to CPU RAM" if self.offload_params else "")
+        return (strategy + (", base weights offloaded to CPU RAM" if self.offload_params else "")
+                + (", base loaded by rank 0 only" if self.load_on_main_only else ""))
 
 
 def fsdp_settings(config: Config) -> FsdpSettings | None:
@@ -51,13 +53,11 @@ def fsdp_settings(config: Config) -> FsdpSettings | None:
     if settings.state_dict_type != "FULL_STATE_DICT":
         notes.append(f"fsdp_config.state_dict_type {settings.state_dict_type}: the adapter is never sharded; "
                      "final/ and checkpoints hold it whole")
-    if settings.cpu_ram_efficient_loading:
-        notes.append("fsdp_config.cpu_ram_efficient_loading: every process loads the base into CPU RAM before "
-                     "sharding (deepspeed: zero3 loads it partitioned, if CPU RAM is short)")
     return FsdpSettings(
         reshard_after_forward=reshard,
         offload_params=settings.offload_params or "offload" in options,
         layer_classes=tuple(settings.transformer_layer_cls_to_wrap) if settings.transformer_layer_cls_to_wrap else None,
+        load_on_main_only=settings.cpu_ram_efficient_loading,
         notes=tuple(notes),
     )
 
@@ -70,10 +70,34 @@ def whole_parameters(peft_model) -> list:
     return [p for p in peft_model.parameters() if p.requires_grad or p.data_ptr() in saved]
 
 
+def materialize_empty(model) -> None:
+    """Give a model built on the meta device real (uninitialized) CPU storage, keeping its buffers and tied weights.
+
+    The pages are not touched until sharding copies this rank's slice, so the whole base never occupies RAM;
+    the values arrive from rank 0 after sharding (``send_main_weights``).
+    """
+    import torch
+
+    tied: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(parameter), []).append(name)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    for names in tied.values():  # to_empty gives each use of a shared weight its own tensor: share it again
+        shared = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(owner), attribute, shared)
+
+
 def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
     """Shard the base weights per layer (then the rest at the root) across all processes; returns figures.
 
-    The model arrives on the CPU: each rank moves only its shards to ``device``, never the whole base.
+    The model arrives on the CPU: each rank moves only its shards to ``device``, never the whole base. With
+    ``load_on_main_only`` only rank 0's model holds the weights; the others' are filled from it afterwards.
     """
     import torch
     from torch.distributed.device_mesh import init_device_mesh
@@ -87,7 +111,11 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
         raise UserError(f"fsdp_config.transformer_layer_cls_to_wrap: {type(base).__name__} has no layer of class "
                         f"{', '.join(classes) or '(none declared)'}; its layer classes: {', '.join(known) or 'none'}.")
     whole = whole_parameters(peft_model)
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    world = torch.distributed.get_world_size()
+    sending = settings.load_on_main_only and world > 1
+    # rank 0's whole tensors, held until they are sent (sharding replaces the model's own with slices)
+    main_weights = dict(_named_tensors(peft_model)) if sending and torch.distributed.get_rank() == 0 else None
+    mesh = init_device_mesh(device.type, (world,))
     shard_options = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=set(whole),
                          offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
     for layer in layers:
@@ -97,7 +125,40 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
     with torch.no_grad():
         for parameter in whole:
             parameter.data = parameter.data.to(device)
+    if sending:
+        send_main_weights(peft_model, main_weights, device)
     return shard_figures(peft_model, len(layers))
+
+
+def _named_tensors(model):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def send_main_weights(model, main_weights: dict | None, device) -> None:
+    """Rank 0 broadcasts each weight whole, one at a time; every other rank keeps its slice (or all of a whole one).
+
+    Written in place, so tied weights, the optimizer's parameters and FSDP's own storage stay what they are.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    is_main = dist.get_rank() == 0
+    with torch.no_grad():
+        for name, tensor in _named_tensors(model):
+            if is_main:
+                whole = main_weights[name].to(device)
+            else:
+                whole = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+            dist.broadcast(whole, src=0)
+            if is_main:
+                continue
+            if isinstance(tensor, DTensor):
+                tensor.to_local().copy_(
+                    distribute_tensor(whole, tensor.device_mesh, tensor.placements, src_data_rank=None).to_local())
+            else:
+                tensor.copy_(whole)
 
 
 def shard_figures(model, units: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from axlora.errors import UserError
 from axlora.model.adapter import AdapterPlan, attach_adapter, effective_adapter_settings, plan_adapter
 from axlora.model.load import load_base_model, load_tokenizer, require_machine_support, tokenizer_fingerprint
 from axlora.train import checkpoint as ckpt
-from axlora.train.fsdp import fsdp_settings
+from axlora.train.fsdp import fsdp_settings, materialize_empty
 from axlora.train.integrations import start_integrations
 from axlora.train.length_groups import build_schedule
 from axlora.train.metrics import MetricsLog
@@ -89,11 +89,15 @@ def run_training(config: Config, log=print) -> RunResult:
     val_rows, val_collate = _layout_val(prepared, config, tokenizer)
 
     set_seed(config.seed)
-    model = load_base_model(config, precision.torch_dtype, tokenizer=tokenizer, log=say)
+    # fsdp_config.cpu_ram_efficient_loading: only rank 0 reads the weights; the others get theirs after sharding
+    empty = bool(fsdp and fsdp.load_on_main_only and accelerator.num_processes > 1 and not is_main)
+    model = load_base_model(config, precision.torch_dtype, tokenizer=tokenizer, log=say, empty=empty)
     # seeded again: the LoRA's initial weights must not depend on what loading drew from the RNG
     # (DeepSpeed ZeRO-3 loads the base partitioned, which draws differently)
     set_seed(config.seed)
     model = attach_adapter(model, config, plan, say)
+    if empty:
+        materialize_empty(model)
     loss_mode = _loss_mode(config, model, say)
     run_config = _config_as_trained(config, model, plan)
     trainable, total = _count_parameters(model)
