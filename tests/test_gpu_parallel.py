@@ -45,8 +45,9 @@ def test_sharded_bf16_on_one_gpu_trains_like_plain(make_config, tmp_path, shardi
 
 
 @two_gpus
-@pytest.mark.parametrize("sharding", [{}, {"deepspeed": "zero2"}, {"deepspeed": "zero3"}, {"fsdp_config": {}}],
-                         ids=["ddp", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("sharding", [{}, {"deepspeed": "zero2"}, {"deepspeed": "zero3"}, {"fsdp_config": {}},
+                                      {"fsdp_config": {"cpu_ram_efficient_loading": True}}],
+                         ids=["ddp", "zero2", "zero3", "fsdp", "fsdp_rank0_loads"])
 def test_two_gpus_over_nccl_train_like_one(make_config, tmp_path, sharding):
     _train(make_config, "one", micro_batch_size=4, num_processes=1, output_dir=str(tmp_path / "one"))
     result = _train(make_config, "two", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "two"),
