@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from axlora.errors import UserError
 from axlora.train.chunked_loss import ChunkedCrossEntropy, check_supported, linear_cross_entropy
 
-from conftest import logged, run_cli
+from conftest import assert_close_final_adapters, logged, run_cli
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 64])
@@ -75,7 +74,4 @@ def test_training_with_chunked_loss_equals_training_without(make_config, tmp_pat
         assert result.returncode == 0, result.stderr[-3000:]
     assert "loss: chunked cross-entropy" in result.stdout
     assert logged(tmp_path / "chunked") == pytest.approx(logged(tmp_path / "own"), rel=1e-5)
-    own = load_file(tmp_path / "own" / "final" / "adapter_model.safetensors")
-    chunked = load_file(tmp_path / "chunked" / "final" / "adapter_model.safetensors")
-    for name, tensor in own.items():
-        torch.testing.assert_close(chunked[name], tensor, rtol=1e-4, atol=1e-5)
+    assert_close_final_adapters(tmp_path / "chunked", tmp_path / "own", rtol=1e-4, atol=1e-5)

@@ -17,7 +17,14 @@ from axlora.config.plan import describe_plan
 from axlora.config.schema import Config
 from axlora.train.fsdp import fsdp_settings
 
-from conftest import assert_same_final_adapter, logged, resumed_against_uninterrupted, run_cli, train_ok
+from conftest import (
+    assert_close_final_adapters,
+    assert_same_final_adapter,
+    logged,
+    resumed_against_uninterrupted,
+    run_cli,
+    train_ok,
+)
 
 pytestmark = pytest.mark.slow
 WEIGHTS = "adapter_model.safetensors"
@@ -26,15 +33,6 @@ WEIGHTS = "adapter_model.safetensors"
 # validation rows: rank 0 evaluates two batches, rank 1 one. Every rank must still run the same forwards.
 UNEVEN = {"num_epochs": 1, "max_steps": None, "val_set_size": 3, "eval_steps": 6, "gradient_accumulation_steps": 2, "seed": 7,
           "save_steps": 12}
-
-
-def _assert_same_adapter(ours_dir, reference_dir, **tolerance):
-    ours = load_file(ours_dir / "final" / "adapter_model.safetensors")
-    reference = load_file(reference_dir / "final" / "adapter_model.safetensors")
-    assert ours.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert ours[name].shape == tensor.shape
-        torch.testing.assert_close(ours[name], tensor, **tolerance)
 
 
 def test_fsdp_on_two_processes_shards_and_trains_the_same_adapter_as_one_process(make_config, tmp_path):
@@ -59,7 +57,7 @@ def test_fsdp_on_two_processes_shards_and_trains_the_same_adapter_as_one_process
 
     assert logged(out) == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
     assert logged(out, "eval_loss") == pytest.approx(logged(tmp_path / "one", "eval_loss"), rel=1e-6)
-    _assert_same_adapter(out, tmp_path / "one", rtol=1e-4, atol=1e-6)
+    assert_close_final_adapters(out, tmp_path / "one", rtol=1e-4, atol=1e-6)
     # the adapter and its optimizer state are whole on every rank: saved once, as without sharding
     checkpoint = out / "checkpoints" / "step-12"
     assert (checkpoint / "optimizer.pt").is_file()
@@ -86,7 +84,7 @@ def test_cpu_ram_efficient_loading_reads_the_weights_on_rank_0_only(make_config,
     assert result.stderr.count("Loading weights: 100%") == 1  # rank 1 built the model on meta, read nothing
     # rank 1's shards came from rank 0: uninitialized memory would train something else
     assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
-    _assert_same_adapter(tmp_path / "fsdp", tmp_path / "one", rtol=1e-4, atol=1e-6)
+    assert_close_final_adapters(tmp_path / "fsdp", tmp_path / "one", rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp_on_one_process_runs_here_as_a_world_of_one(make_config, tmp_path):
@@ -96,7 +94,7 @@ def test_fsdp_on_one_process_runs_here_as_a_world_of_one(make_config, tmp_path):
                                 output_dir=str(tmp_path / "fsdp"), **common))
     assert "launch:" not in result.stdout and "fsdp: SHARD_GRAD_OP over 1 process(es)" in result.stdout
     assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-6)
-    _assert_same_adapter(tmp_path / "fsdp", tmp_path / "one", rtol=1e-5, atol=1e-7)
+    assert_close_final_adapters(tmp_path / "fsdp", tmp_path / "one", rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(

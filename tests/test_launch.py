@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import logged, run_cli
+from conftest import assert_close_final_adapters, logged, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +25,7 @@ def test_two_processes_train_the_same_model_as_one(make_config, tmp_path):
     assert result_two.stdout.count("data: prepared") == 1
 
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
-    one = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
-    two = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6)
+    assert_close_final_adapters(tmp_path / "two", tmp_path / "one", rtol=1e-4, atol=1e-6)
     summary = json.loads((tmp_path / "two" / "final" / "train_summary.json").read_text())
     assert summary["world_size"] == 2
     # only the main process writes logs: one row per logged step
