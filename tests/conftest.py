@@ -32,14 +32,14 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide Llama with the demo tokenizer: fast enough for end-to-end runs."""
-    from axlora.demo import build_tiny_llama
+    from axlora.model.builtin import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny", hidden_size=32, num_layers=2)
 
 
 @pytest.fixture(scope="session")
 def alpaca_file(tmp_path_factory) -> Path:
-    from axlora.demo import addition_rows, write_jsonl
+    from axlora.data.demo_rows import addition_rows, write_jsonl
 
     path = tmp_path_factory.mktemp("data") / "addition.jsonl"
     write_jsonl(addition_rows(96, seed=3), path)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from axlora.config.load import load_config
-from axlora.config.plan import describe_plan
+from axlora.validate import describe_plan
 
 from conftest import REPO
 

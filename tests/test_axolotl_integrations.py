@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from axlora.config.load import load_config
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 from axlora.train import integrations
 from axlora.train.integrations import push_to_hub, require_hub_access, start_integrations
 

@@ -10,7 +10,7 @@ import pytest
 from axlora.config import axolotl
 from axlora.config.load import load_config
 from axlora.config.schema import Config, json_schema
-from axlora.errors import ConfigError
+from axlora.core.errors import ConfigError
 
 from conftest import REPO, run_cli
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from axlora.config.load import load_config
-from axlora.errors import ConfigError, UserError
+from axlora.core.errors import ConfigError, UserError
 from axlora.model.load import load_base_model, load_tokenizer, model_load_kwargs, tokenizer_fingerprint
 
 from conftest import run_cli
@@ -144,7 +144,7 @@ def test_length_grouped_schedule_sees_every_row_once_in_similar_length_steps(mak
 
 
 def test_named_chat_template_is_carried_by_the_tokenizer(make_config):
-    from axlora.data.chat_templates import BUILTIN_TEMPLATES
+    from axlora.config.chat_templates import BUILTIN_TEMPLATES
 
     plain = load_tokenizer(config_of(make_config))
     assert load_tokenizer(config_of(make_config, chat_template="chatml")).chat_template == BUILTIN_TEMPLATES["chatml"]

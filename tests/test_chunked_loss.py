@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 from axlora.train.chunked_loss import ChunkedCrossEntropy, check_supported, linear_cross_entropy
 
 from conftest import assert_close_final_adapters, logged, run_cli

@@ -12,7 +12,7 @@ import yaml
 
 from axlora.config.load import load_config
 from axlora.config.schema import json_schema
-from axlora.errors import ConfigError, UserError
+from axlora.core.errors import ConfigError, UserError
 
 from conftest import REPO, run_cli
 

@@ -120,7 +120,7 @@ def test_strict_turns_the_differences_into_exit_2(tmp_path, tiny_model_dir, alpa
 
 def test_round_two_finds_the_earlier_runs_final_adapter(tmp_path, tiny_model_dir, continued):
     """Round 2 names only the earlier output_dir, a new dataset and a lower lr; eval_on_start is its baseline."""
-    from axlora.demo import addition_rows, write_jsonl
+    from axlora.data.demo_rows import addition_rows, write_jsonl
 
     second = tmp_path / "second.jsonl"
     write_jsonl(addition_rows(40, seed=11), second)
@@ -201,7 +201,7 @@ def test_loaded_base_is_checked_when_its_files_could_not_tell(tmp_path, peft_ada
     from transformers import AutoModelForCausalLM
 
     from axlora.config.load import load_config
-    from axlora.errors import UserError
+    from axlora.core.errors import UserError
     from axlora.model.adapter import AdapterPlan, attach_adapter, read_adapter_config
 
     config = load_config(write_config(tmp_path, other_shape_model, alpaca_file, lora_target_linear=True))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
+from axlora.config.chat_templates import BUILTIN_TEMPLATES
 from axlora.config.schema import Config
-from axlora.data.chat_templates import BUILTIN_TEMPLATES
+from axlora.core.errors import UserError
 from axlora.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, build_format
 from axlora.data.rows import IGNORE_INDEX
 from axlora.data.segments import RowFormatError
 from axlora.data.tokenize import RowError, encode_rows
-from axlora.errors import UserError
 
 SYSTEM, USER, ASSISTANT = "<|im_start|>system\n", "<|im_start|>user\n", "<|im_start|>assistant\n"
 END = "<|im_end|>"
@@ -250,7 +250,7 @@ def test_template_that_rewrites_trained_content_is_refused(chat_tokenizer):
 
 def test_unknown_type_and_template_names_are_config_errors(tmp_path):
     from axlora.config.load import load_config
-    from axlora.errors import ConfigError
+    from axlora.core.errors import ConfigError
 
     path = tmp_path / "c.yml"
     path.write_text("base_model: /m\nlora_target_linear: true\nmax_steps: 1\ndatasets:\n  - path: /d.jsonl\n"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from axlora.demo import addition_rows, write_jsonl
+from axlora.data.demo_rows import addition_rows, write_jsonl
 
 from conftest import run_cli
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from axlora.config.schema import Config
+from axlora.core.errors import UserError
 from axlora.data import workers
+from axlora.data.demo_rows import addition_rows, write_jsonl
 from axlora.data.formats import build_formats
 from axlora.data.prepare import prepare_data
 from axlora.data.rows import TokenizedRows
 from axlora.data.tokenize import encode_rows
-from axlora.demo import addition_rows, write_jsonl
-from axlora.errors import UserError
 from axlora.model.load import tokenizer_fingerprint
 
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from axlora.config.schema import DatasetConfig
+from axlora.core.errors import UserError
 from axlora.data.sources import load_source, split_range
-from axlora.errors import UserError
 
 ROWS = [{"instruction": f"i{n}", "input": "", "output": str(n)} for n in range(10)]
 

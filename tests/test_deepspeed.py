@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from axlora.config.schema import Config
-from axlora.deepspeed_config import load_deepspeed_setup
-from axlora.errors import UserError
+from axlora.core.errors import UserError
+from axlora.train.deepspeed import load_deepspeed_setup
 
 from conftest import (
     assert_close_final_adapters,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from axlora.demo import addition_rows, pretrain_rows
+from axlora.data.demo_rows import addition_rows, pretrain_rows
 
 from conftest import REPO
 

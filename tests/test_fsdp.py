@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from axlora.config.plan import describe_plan
+from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config
-from axlora.train.fsdp import fsdp_settings
+from axlora.validate import describe_plan
 
 from conftest import (
     assert_close_final_adapters,

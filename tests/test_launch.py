@@ -49,7 +49,7 @@ def test_bad_hardware_settings_exit_2_before_any_worker(make_config, overrides, 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path):
     from axlora.config.schema import Config
-    from axlora.errors import UserError
+    from axlora.core.errors import UserError
     from axlora.launch import plan_launch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from axlora.errors import UserError
-from axlora.merge import MARKER, MergeVerificationError, merge_lora
+from axlora.core.errors import UserError
+from axlora.core.names import MERGE_MARKER
+from axlora.merge import MergeVerificationError, merge_lora
 from axlora.merge import ops as merge_ops
 from axlora.merge.plan import _with_vocab_size
 from axlora.merge.safetensors_io import ShardWriter
@@ -135,7 +136,7 @@ def test_all_attention_and_mlp_targets_match_peft(base, tmp_path):
     assert all(p.stat().st_size <= max(64 * 1024, largest) + 4096 for p in shards)
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert (out / "generation_config.json").exists() and (out / "tokenizer_config.json").exists()
-    marker = json.loads((out / MARKER).read_text())
+    marker = json.loads((out / MERGE_MARKER).read_text())
     assert marker["merged_modules"] == 14 and marker["dtype"] == "float32"
     assert _leftovers(tmp_path) == []
 
@@ -327,7 +328,7 @@ def test_refuses_base_dir_and_unrelated_nonempty_dir(base, tmp_path):
     assert (unrelated / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()
     merge_lora(base, adapter, tmp_path / "empty", log=lambda _: None)
-    assert (tmp_path / "empty" / MARKER).exists()
+    assert (tmp_path / "empty" / MERGE_MARKER).exists()
 
 
 def test_replaces_an_earlier_merge_output(base, tmp_path):
@@ -337,7 +338,7 @@ def test_replaces_an_earlier_merge_output(base, tmp_path):
     merge_lora(base, first, out, log=lambda _: None)
     report = merge_lora(base, second, out, log=lambda _: None)
     assert report.merged_modules == 4
-    assert json.loads((out / MARKER).read_text())["adapter_dir"] == str(second.resolve())
+    assert json.loads((out / MERGE_MARKER).read_text())["adapter_dir"] == str(second.resolve())
     _assert_matches_peft(base, second, out)
     assert _leftovers(tmp_path) == []
 

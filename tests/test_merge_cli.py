@@ -46,7 +46,7 @@ def test_merge_after_adding_tokens(make_config, tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from axlora.errors import UserError
+    from axlora.core.errors import UserError
     from axlora.merge import merge_lora
 
     config = make_config(max_steps=2, tokens=["<|x|>"], lora_modules_to_save=["embed_tokens", "lm_head"])

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from axlora.model.adapter import complete_checkpoints
+from axlora.core.layout import RunLayout
 from axlora.train.checkpoint import ResumeKey
 
 from conftest import REPO, main_in_process, run_cli
@@ -62,7 +62,7 @@ def kill_after_first_checkpoint(config: Path, out: Path, log: Path, timeout: flo
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
-    return [p.name for p in complete_checkpoints(out)]
+    return [p.name for p in RunLayout(out).complete_checkpoints()]
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +125,13 @@ def test_metrics_continue_without_duplicates(uninterrupted, resumed):
 @pytest.mark.slow
 def test_save_total_limit_prunes(uninterrupted, resumed):
     for out in (uninterrupted, resumed.out):
-        assert [p.name for p in complete_checkpoints(out)] == ["step-30", "step-35"]
+        assert [p.name for p in RunLayout(out).complete_checkpoints()] == ["step-30", "step-35"]
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-30", "step-35"]
 
 
 @pytest.mark.slow
 def test_changed_data_or_batch_shape_is_refused_with_two_ways_forward(tmp_path, uninterrupted, tiny_model_dir):
-    from axlora.demo import addition_rows, write_jsonl
+    from axlora.data.demo_rows import addition_rows, write_jsonl
 
     other = tmp_path / "other.jsonl"
     write_jsonl(addition_rows(50, seed=5), other)
@@ -166,7 +166,7 @@ def test_only_complete_checkpoints_are_trusted(tmp_path):
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / "trainer_state.json").write_text("{}")
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-3", "step-12"]
+    assert [p.name for p in RunLayout(tmp_path).complete_checkpoints()] == ["step-3", "step-12"]
 
 
 # ---- early stopping ---------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def test_early_stopping_survives_a_resume(tmp_path, early_stopped):
     """Resumed after the best step, the run still ends with the best adapter (checkpoints carry it)."""
     copy = tmp_path / "out"
     shutil.copytree(early_stopped, copy, ignore=shutil.ignore_patterns("final"))
-    newest = complete_checkpoints(copy)[-1].name
+    newest = RunLayout(copy).complete_checkpoints()[-1].name
     config = yaml.safe_load((early_stopped / "final" / "axlora.yml").read_text())
     config.update(output_dir=str(copy), resume_from_checkpoint="auto")
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
@@ -236,7 +236,7 @@ def test_a_changed_lora_is_refused(tmp_path, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from axlora.errors import UserError
+    from axlora.core.errors import UserError
     from axlora.train.checkpoint import check_adapter_unchanged
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -261,5 +261,5 @@ def test_a_fresh_run_sets_an_earlier_run_s_checkpoints_aside(make_config, tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"are moved to {out / 'checkpoints-earlier-1'}" in result.stdout
     assert (out / "checkpoints-earlier-1" / "step-2" / WEIGHTS).read_bytes() == earlier
-    assert [p.name for p in complete_checkpoints(out)] == ["step-2"]
+    assert [p.name for p in RunLayout(out).complete_checkpoints()] == ["step-2"]
     assert (out / "checkpoints" / "step-2" / WEIGHTS).read_bytes() != earlier  # the second run's own

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from axlora import __version__
-from axlora.errors import RunFailed, UserError
+from axlora.core.errors import RunFailed, UserError
 
 EXAMPLES = {
     "train": """examples:
@@ -74,7 +74,7 @@ def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.config.load import load_config
-    from axlora.config.plan import describe_plan
+    from axlora.validate import describe_plan
 
     config = load_config(args.config, overrides)
     print(describe_plan(config))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from axlora.config.schema import Config
-from axlora.errors import RunFailed, UserError
+from axlora.core.errors import RunFailed, UserError
 
 _LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_PROCESS_ID")
 # where workers leave their exit status and error: the launcher prints each error once (not once per rank)
@@ -90,7 +90,7 @@ def plan_launch(config: Config) -> LaunchPlan:
 
 def _check_fsdp(config: Config, plan: LaunchPlan) -> None:
     """What the config alone cannot tell about ``fsdp``: whether this machine can do it."""
-    from axlora.train.fsdp import fsdp_settings
+    from axlora.config.fsdp import fsdp_settings
 
     settings = fsdp_settings(config)
     if settings and settings.offload_params and not plan.use_gpus:
@@ -100,7 +100,7 @@ def _check_fsdp(config: Config, plan: LaunchPlan) -> None:
 
 def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
     """Everything about the ``deepspeed`` key that can fail, checked before a worker starts; the ZeRO stage."""
-    from axlora.deepspeed_config import load_deepspeed_setup, require_deepspeed
+    from axlora.train.deepspeed import load_deepspeed_setup, require_deepspeed
     from axlora.train.precision import choose_precision
 
     require_deepspeed()

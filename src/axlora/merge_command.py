@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from axlora.config.schema import Config
-from axlora.errors import RunFailed, UserError
+from axlora.core.errors import RunFailed, UserError
 from axlora.model.adapter import find_adapter, is_adapter_dir
 from axlora.model.load import resolve_base_model
 

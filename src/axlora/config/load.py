@@ -6,7 +6,6 @@ so a user fixes a config in one pass instead of one error per run.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,10 +15,13 @@ import yaml
 from pydantic import ValidationError
 
 from axlora.config import axolotl
+from axlora.config.chat_templates import looks_like_template_file
 from axlora.config.schema import Config, DatasetConfig
-from axlora.errors import ConfigError, UserError
+from axlora.core.errors import ConfigError, UserError
+from axlora.core.suggest import did_you_mean
 
 KeyPath = tuple[str | int, ...]
+_SEE_SCHEMA = "; `axlora schema` lists every key."
 
 
 def _print_note(message: str) -> None:
@@ -164,7 +166,7 @@ def _unknown_key_problems(data: dict[str, Any], lines: dict[KeyPath, int], sourc
     suggestions = known | set(axolotl.NO_OP) | set(axolotl.RENAMED)
     for key in data:
         if key not in known:
-            problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, suggestions)}")
+            problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, suggestions, _SEE_SCHEMA)}")
     dataset_keys = set(DatasetConfig.model_fields)
     for index, entry in enumerate(data.get("datasets") or []):
         if isinstance(entry, dict):
@@ -172,17 +174,9 @@ def _unknown_key_problems(data: dict[str, Any], lines: dict[KeyPath, int], sourc
                 if key not in dataset_keys:
                     where = _where(lines, ("datasets", index, key), source)
                     problems.append(
-                        where + f"unknown key 'datasets[{index}].{key}'{did_you_mean(key, dataset_keys)}"
+                        where + f"unknown key 'datasets[{index}].{key}'{did_you_mean(key, dataset_keys, _SEE_SCHEMA)}"
                     )
     return problems
-
-
-def did_you_mean(word: str, choices: set[str] | Sequence[str]) -> str:
-    """A " (did you mean 'x'?)" suffix for a misspelt name, or a hint to list the valid ones."""
-    match = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    if match:
-        return f" (did you mean '{match[0]}'?)"
-    return "; `axlora schema` lists every key."
 
 
 def _where(lines: dict[KeyPath, int], key: KeyPath, source: str) -> str:
@@ -270,11 +264,6 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
     ]
     updates["datasets"] = datasets
     return config.model_copy(update=updates)
-
-
-def looks_like_template_file(value: str) -> bool:
-    """``chat_template_jinja`` holds the template itself, or (as in Axolotl) the path of a .jinja file."""
-    return "\n" not in value and "{" not in value and value.endswith((".jinja", ".j2"))
 
 
 def _resolve_local(value: str, config_dir: Path, must_be_local: bool) -> str:

@@ -8,10 +8,11 @@ Unknown keys are rejected (``extra="forbid"``); ``config.load`` turns that into 
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from axlora.core.suggest import did_you_mean
 
 BoolOrAuto = bool | Literal["auto"]
 DatasetType = Literal["alpaca", "chat_template", "sharegpt", "completion", "input_output"]
@@ -26,20 +27,15 @@ _KEYS_OF_TYPE = {"chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS, "completio
 """Dataset keys that only some types read: set on another type, they are an error (never silently ignored)."""
 
 
-def _suggest(word: str, choices) -> str:
-    match = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else f"; known: {', '.join(sorted(choices))}"
-
-
 def _known_chat_template(value: str | None) -> str | None:
     """A chat_template value: a Jinja string passes; a name must be one axlora knows."""
-    from axlora.data.chat_templates import TEMPLATE_CHOICES, is_jinja
+    from axlora.config.chat_templates import TEMPLATE_CHOICES, is_jinja
 
     if value is None or is_jinja(value):
         return value
     name = value.removeprefix("tokenizer_default_fallback_")
     if name not in TEMPLATE_CHOICES:
-        raise ValueError(f"unknown chat template '{value}'{_suggest(name, TEMPLATE_CHOICES)}")
+        raise ValueError(f"unknown chat template '{value}'{did_you_mean(name, TEMPLATE_CHOICES)}")
     return value
 
 
@@ -124,7 +120,7 @@ class DatasetConfig(_Strict):
         if value == "":
             return None  # Axolotl: an empty `type:` means pre-tokenized rows
         if isinstance(value, str) and value not in DATASET_TYPES:
-            raise ValueError(f"unknown type '{value}'{_suggest(value, DATASET_TYPES)}")
+            raise ValueError(f"unknown type '{value}'{did_you_mean(value, DATASET_TYPES)}")
         return value
 
     @field_validator("chat_template")
@@ -211,6 +207,15 @@ class DataSettings(_Strict):
     dataset_processes: int | None = Field(
         default=None, gt=0, description="Processes that prepare large datasets (default: the CPUs available)."
     )
+
+    def val_row_count(self, total: int) -> int:
+        """Validation rows of ``total``: ``val_set_size`` as a fraction (<1) or a count (>=1), always leaving a
+        training row."""
+        if self.val_set_size <= 0:
+            return 0
+        if self.val_set_size < 1:
+            return min(max(1, int(round(self.val_set_size * total))), max(total - 1, 0))
+        return min(int(self.val_set_size), max(total - 1, 0))
 
 
 class TrainingSettings(_Strict):
@@ -724,11 +729,11 @@ class HardwareSettings(_Strict):
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_preset_or_json(cls, value: str | None) -> str | None:
-        from axlora.deepspeed_config import PRESETS
+        from axlora.config.deepspeed_presets import PRESETS
 
         if value is None or value in PRESETS or value.endswith(".json"):
             return value
-        raise ValueError(f"'{value}' is neither a shipped preset{_suggest(value, PRESETS)} nor a .json file")
+        raise ValueError(f"'{value}' is neither a shipped preset{did_you_mean(value, PRESETS)} nor a .json file")
 
     fsdp: list[str] | None = Field(
         default=None,
@@ -748,7 +753,7 @@ class HardwareSettings(_Strict):
         for option in value or []:
             if option not in FSDP_OPTIONS:
                 reason = " (hybrid sharding across machines is not supported)" if "hybrid" in str(option) else ""
-                raise ValueError(f"unknown FSDP option '{option}'{reason}{_suggest(str(option), FSDP_OPTIONS)}")
+                raise ValueError(f"unknown FSDP option '{option}'{reason}{did_you_mean(str(option), FSDP_OPTIONS)}")
         return value
 
     def uses_fsdp(self) -> bool:

@@ -9,7 +9,7 @@ the cache is used as it is. Hub datasets are keyed by name, ``split``, ``name`` 
 
 Layout of ``<dataset_prepared_path>/<fingerprint>/``: ``train.arrow``, ``val.arrow`` (see ``rows.py``),
 ``report.json`` and ``lengths.png``. The directory is built as a temporary sibling and renamed into place
-(``axlora.atomic``), so a killed run leaves either nothing or a complete entry.
+(``axlora.core.atomic``), so a killed run leaves either nothing or a complete entry.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from axlora.atomic import atomic_directory
 from axlora.config.schema import Config
+from axlora.core.atomic import atomic_directory
 from axlora.data.rows import TokenizedRows
 from axlora.data.segments import RowFormat
 

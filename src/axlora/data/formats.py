@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from axlora.config.chat_templates import read_jinja_setting
 from axlora.config.schema import Config, DatasetConfig
+from axlora.core.errors import UserError
 from axlora.data.chat import DEFAULT_ROLES, chat_format
 from axlora.data.chat_templates import TemplateChoiceError, choose_template
 from axlora.data.segments import PromptEntry, Row, RowFormat, RowFormatError, Segment, required_text
-from axlora.errors import UserError
 
 __all__ = ["FORMATS", "RowFormatError", "Segment", "alpaca", "alpaca_prompt", "build_format", "build_formats"]
 
@@ -108,7 +109,7 @@ def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowF
     setting = dataset.chat_template
     jinja = dataset.chat_template_jinja
     if setting is None and jinja is None:
-        setting, jinja = config.chat_template, _top_level_jinja(config)
+        setting, jinja = config.chat_template, read_jinja_setting(config.chat_template_jinja)
     try:
         template = choose_template(setting, jinja, _tokenizer_template(tokenizer))
     except TemplateChoiceError as exc:
@@ -125,15 +126,6 @@ def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowF
         train_on_eos=dataset.train_on_eos,
         message_field_training=dataset.message_field_training,
     )
-
-
-def _top_level_jinja(config: Config) -> str | None:
-    value = getattr(config, "chat_template_jinja", None)
-    if value is None:
-        return None
-    from axlora.model.load import chat_template_text  # reads a .jinja file when the key names one
-
-    return chat_template_text(config)
 
 
 def _tokenizer_template(tokenizer) -> str | None:

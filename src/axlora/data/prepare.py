@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from axlora.config.schema import Config
+from axlora.core.errors import UserError
 from axlora.data import cache
 from axlora.data.rows import TokenizedRows
 from axlora.data.segments import RowFormat
 from axlora.data.sources import Source, load_source, local_files
 from axlora.data.tokenize import Entry, RowError
-from axlora.errors import UserError
 
 
 @dataclass
@@ -99,7 +99,7 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
         for position, row in zip(source.positions, source.rows, strict=True)
     ]
     random.Random(config.seed).shuffle(entries)
-    val_count = val_row_count(config.val_set_size, len(entries))
+    val_count = config.val_row_count(len(entries))
     parts = {"val": entries[:val_count], "train": entries[val_count:]}
     if not parts["train"]:
         raise UserError(f"datasets: no training rows (read {len(entries)}, val_set_size takes {val_count}).")
@@ -182,15 +182,6 @@ def apply_length_rule(
     no_labels = rows.scored_counts() == 0
     counts["dropped_no_labels"] = np.bincount(rows.origin[no_labels], minlength=datasets)
     return rows.select(~no_labels), counts
-
-
-def val_row_count(val_set_size: float, total: int) -> int:
-    """Validation rows: a fraction (<1) of ``total`` or a count (>=1), always leaving a training row."""
-    if val_set_size <= 0:
-        return 0
-    if val_set_size < 1:
-        return min(max(1, int(round(val_set_size * total))), max(total - 1, 0))
-    return min(int(val_set_size), max(total - 1, 0))
 
 
 def _located(exc: RowError, config: Config, sources: Sequence[Source]) -> UserError:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import DatasetConfig
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 
 SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 _SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+%?)?\])?$")

@@ -6,6 +6,5 @@ result atomically (a temporary sibling directory renamed into place).
 """
 
 from .core import MergeReport, MergeVerificationError, merge_lora
-from .output import MARKER
 
-__all__ = ["MARKER", "MergeReport", "MergeVerificationError", "merge_lora"]
+__all__ = ["MergeReport", "MergeVerificationError", "merge_lora"]

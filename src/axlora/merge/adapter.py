@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .safetensors_io import TensorInfo, read_header, same_bytes
+from axlora.core.errors import UserError
+from axlora.core.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
+from axlora.core.safetensors_header import TensorInfo, read_header
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+from .safetensors_io import same_bytes
 
 # Features whose merge is not "W + scale * B @ A" (or needs state the adapter file lacks): refuse, never guess.
 _UNSUPPORTED_FIELDS = {

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .safetensors_io import TensorInfo, read_header
+from axlora.core.errors import UserError
+from axlora.core.safetensors_header import TensorInfo, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

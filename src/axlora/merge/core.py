@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
+from axlora.core.errors import UserError
+from axlora.core.names import MERGE_MARKER
+
 from .. import __version__
-from ..errors import UserError
 from . import ops
 from .adapter import Adapter, LoraModule, load_adapter
 from .base import BaseModel, load_base, resolve_base_dir
 from .output import (
-    MARKER,
     check_output_dir,
     copy_synced,
     publish,
@@ -157,7 +158,7 @@ def merge_lora(
             max_verify_error=verifier.worst_out if verify else None, total_size=total_size,
             seconds=0.0, replaced_tensors=plan.replaced, max_abs_error=verifier.worst_abs if verify else None,
             dtype=_dtype_name(plan.output_dtype), shards=shard_count)
-        write_json(tmp / MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
+        write_json(tmp / MERGE_MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
         publish(tmp, output_dir, inputs)
     seconds = time.monotonic() - started
     if not verify:

@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-
-MARKER = "axlora_merge.json"
+from axlora.core.errors import UserError
+from axlora.core.names import MERGE_MARKER
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -46,8 +45,8 @@ def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{output_dir}: exists and is not a directory")
-    if any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(f"{output_dir}: exists, is not empty and is not an earlier merge output (no {MARKER}); "
+    if any(out.iterdir()) and not (out / MERGE_MARKER).is_file():
+        raise UserError(f"{output_dir}: exists, is not empty and is not an earlier merge output (no {MERGE_MARKER}); "
                         "choose another output directory or empty it")
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from axlora.core.errors import UserError
+from axlora.core.safetensors_header import TensorInfo
+
 from .adapter import Adapter, LoraModule
 from .base import BaseModel
-from .safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor, TensorInfo
+from .safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,

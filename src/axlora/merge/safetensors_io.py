@@ -20,7 +20,8 @@ from typing import BinaryIO
 
 import torch
 
-from ..errors import UserError
+from axlora.core.errors import UserError
+from axlora.core.safetensors_header import TensorInfo
 
 # safetensors dtype codes this module can turn into torch tensors (others are copied as raw bytes only).
 CODE_TO_TORCH: dict[str, torch.dtype] = {
@@ -40,57 +41,7 @@ FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 ITEM_SIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                              "U8": 1, "BOOL": 1, "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
-_MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 _COPY_CHUNK = 16 * 1024 * 1024  # raw copies move at most this much through memory at once
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in a safetensors file: enough to read it later without reopening the header."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    path: Path
-    start: int  # absolute byte offset in the file
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse a safetensors header only (no tensor data is read); tensors come back in file order."""
-    try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > _MAX_HEADER:
-                raise ValueError(f"header of {n} bytes is larger than the 100 MB limit")
-            header = json.loads(f.read(n))
-            file_size = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
-    metadata = header.pop("__metadata__", None) or {}
-    infos = []
-    for name, spec in header.items():
-        begin, end = spec["data_offsets"]
-        info = TensorInfo(name, spec["dtype"], tuple(spec["shape"]), path, 8 + n + begin, 8 + n + end)
-        if info.end > file_size:
-            raise UserError(f"{path}: tensor {name!r} ends past the end of the file (truncated download?)")
-        infos.append(info)
-    infos.sort(key=lambda i: i.start)
-    return infos, metadata
 
 
 class TensorReader:

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from axlora.config.schema import Config
-from axlora.demo import is_builtin
-from axlora.errors import UserError
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MERGE_MARKER = "axlora_merge.json"
-CHECKPOINT_STATE = "trainer_state.json"
-PEFT_PREFIX = "base_model.model."
+from axlora.core.errors import UserError
+from axlora.core.layout import RunLayout, is_adapter_dir
+from axlora.core.names import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    ADAPTER_WEIGHTS_BIN,
+    MERGE_MARKER,
+    PEFT_PREFIX,
+    is_builtin_model,
+)
+from axlora.core.safetensors_header import tensor_shapes
 
 # YAML key -> adapter_config.json key, for the scalar settings an existing adapter decides by itself.
 # Target modules are compared module by module against the loaded base model (``target_conflicts``).
@@ -38,7 +41,6 @@ _ADAPTER_OWNED_KEYS = {
     "lora_fan_in_fan_out": "fan_in_fan_out",
 }
 _SHOWN_PROBLEMS = 5
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 # weight-name part -> (factor, on an embedding): lora_A [r, in], lora_B [out, r];
 # lora_embedding_A [r, num_embeddings], lora_embedding_B [dim, r]
 _LORA_FACTORS = (("lora_A", "A", False), ("lora_B", "B", False),
@@ -59,32 +61,6 @@ class AdapterPlan:
         return f"adapter: {self.case} — {self.reason}"
 
 
-def is_adapter_dir(path: Path) -> bool:
-    try:
-        return (path / ADAPTER_CONFIG).is_file() and any((path / name).is_file() for name in ADAPTER_WEIGHTS)
-    except OSError:
-        return False
-
-
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first.
-
-    Only ``step-N`` directories holding the state file count: a save builds ``.step-N.tmp-PID`` and renames
-    it into place when complete, so a save killed half way leaves nothing a resume would trust.
-    """
-    root = output_dir / "checkpoints"
-    try:
-        children = list(root.iterdir()) if root.is_dir() else []
-    except OSError:
-        return []
-    found = []
-    for child in children:
-        number = child.name[5:]
-        if child.name.startswith("step-") and number.isdigit() and (child / CHECKPOINT_STATE).is_file():
-            found.append((int(number), child))
-    return [path for _, path in sorted(found)]
-
-
 def find_adapter(path: Path) -> tuple[Path, str]:
     """The adapter directory inside ``path`` and how it was found; ``UserError`` when there is none.
 
@@ -99,9 +75,9 @@ def find_adapter(path: Path) -> tuple[Path, str]:
         raise UserError(f"lora_model_dir: '{path}' is not a directory; {expected}.")
     if is_adapter_dir(path):
         return path, f"continuing the adapter in {path}"
-    if is_adapter_dir(path / "final"):
-        return path / "final", f"{path} is an earlier axlora run; continuing its final/ adapter"
-    checkpoints = [c for c in complete_checkpoints(path) if is_adapter_dir(c)]
+    if is_adapter_dir(RunLayout(path).final):
+        return RunLayout(path).final, f"{path} is an earlier axlora run; continuing its final/ adapter"
+    checkpoints = [c for c in RunLayout(path).complete_checkpoints() if is_adapter_dir(c)]
     if checkpoints:
         newest = checkpoints[-1]
         return newest, (f"{path} is an earlier axlora run without final/; continuing its newest complete "
@@ -137,7 +113,7 @@ def plan_adapter(config: Config) -> AdapterPlan:
         _refuse_if_strict(config, conflicts)
         plan = AdapterPlan("continue", reason, adapter_dir, adapter_config, conflicts)
         base = base_facts_on_disk(config.base_model)
-        if base is not None and (adapter_dir / ADAPTER_WEIGHTS[0]).is_file():
+        if base is not None and (adapter_dir / ADAPTER_WEIGHTS).is_file():
             check_base_model(config, plan, adapter_module_shapes(adapter_dir), base)
         return plan
     base = Path(config.base_model)
@@ -263,26 +239,16 @@ def adapter_module_shapes(adapter_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def _adapter_weight_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    safetensors_file = adapter_dir / ADAPTER_WEIGHTS[0]
+    safetensors_file = adapter_dir / ADAPTER_WEIGHTS
     try:
         if safetensors_file.is_file():
-            return safetensors_shapes(safetensors_file)
+            return tensor_shapes(safetensors_file)
         import torch
 
-        state = torch.load(adapter_dir / ADAPTER_WEIGHTS[1], map_location="cpu", weights_only=True)
+        state = torch.load(adapter_dir / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
         return {key: tuple(value.shape) for key, value in state.items()}
     except Exception as exc:  # any unreadable weights file: report it, never a traceback
         raise UserError(f"lora_model_dir: cannot read the adapter weights in {adapter_dir}: {exc}") from None
-
-
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes from a safetensors header alone (8-byte length, then JSON): no tensor is read."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 0 < size <= _MAX_HEADER:
-            raise ValueError(f"{path.name} is not a safetensors file")
-        header = json.loads(handle.read(size))
-    return {key: tuple(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
 
 
 # ---- does the adapter belong to this base model? -------------------------------------------------------
@@ -366,7 +332,7 @@ def base_facts_on_disk(base_model: str) -> BaseModelFacts | None:
     anything it cannot read from disk is checked again against the loaded model.
     """
     root = Path(base_model)
-    if is_builtin(base_model) or not (root / "config.json").is_file():
+    if is_builtin_model(base_model) or not (root / "config.json").is_file():
         return None
     try:
         if "quantization_config" in json.loads((root / "config.json").read_text()):
@@ -376,8 +342,8 @@ def base_facts_on_disk(base_model: str) -> BaseModelFacts | None:
             else ["model.safetensors"] if (root / "model.safetensors").is_file() else []
         shapes: dict[str, tuple[int, ...]] = {}
         for name in files:
-            shapes.update(safetensors_shapes(root / name))
-    except (OSError, ValueError, KeyError):
+            shapes.update(tensor_shapes(root / name))
+    except (OSError, ValueError, KeyError, UserError):
         shapes = {}
     return BaseModelFacts(names=[base_model], weight_shapes=shapes, complete=False)
 

@@ -14,16 +14,18 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from axlora.config.chat_templates import FALLBACK_PREFIX, read_jinja_setting
 from axlora.config.schema import ATTENTION_FLAGS, Config
-from axlora.demo import is_builtin, resolve_builtin
-from axlora.errors import UserError
+from axlora.core.errors import UserError
+from axlora.core.names import is_builtin_model
+from axlora.model.builtin import resolve_builtin
 
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 def resolve_base_model(name: str) -> str:
     """A loadable name or directory for ``base_model`` (built-in demo models are built on first use)."""
-    if is_builtin(name):
+    if is_builtin_model(name):
         return str(resolve_builtin(name))
     path = Path(name)
     if path.is_absolute() and not path.exists():
@@ -102,9 +104,9 @@ def configured_chat_template(config: Config) -> str | None:
     ``chat_template_jinja``, or a built-in named by ``chat_template``; None keeps the tokenizer's own
     (``tokenizer_default``, and the ``tokenizer_default_fallback_*`` names, which the data side resolves).
     """
-    from axlora.data.chat_templates import FALLBACK_PREFIX, TemplateChoiceError, choose_template
+    from axlora.data.chat_templates import TemplateChoiceError, choose_template
 
-    jinja = chat_template_text(config)
+    jinja = read_jinja_setting(config.chat_template_jinja)
     setting = config.chat_template
     if setting in (None, "jinja"):
         return jinja
@@ -114,21 +116,6 @@ def configured_chat_template(config: Config) -> str | None:
         return choose_template(setting, jinja, None).text
     except TemplateChoiceError as exc:
         raise UserError(f"{exc}.") from None
-
-
-def chat_template_text(config: Config) -> str | None:
-    """The Jinja text of ``chat_template_jinja`` (read from the file when it names one), or None."""
-    from axlora.config.load import looks_like_template_file
-
-    value = config.chat_template_jinja
-    if value is None:
-        return None
-    if looks_like_template_file(value):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f"chat_template_jinja: template file '{value}' not found.")
-        return path.read_text(encoding="utf-8")
-    return value
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

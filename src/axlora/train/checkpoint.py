@@ -17,13 +17,12 @@ from typing import Any
 
 import yaml
 
-from axlora.atomic import atomic_directory
 from axlora.config.schema import Config
-from axlora.errors import UserError
-from axlora.model.adapter import complete_checkpoints
+from axlora.core.atomic import atomic_directory
+from axlora.core.errors import UserError
+from axlora.core.layout import CHECKPOINT_STATE, RunLayout
+from axlora.core.names import ADAPTER_CONFIG, RESOLVED_CONFIG
 
-STATE_FILE = "trainer_state.json"
-RESOLVED_CONFIG = "axlora.yml"
 BEST_ADAPTER = "best_adapter.safetensors"
 
 
@@ -145,8 +144,8 @@ def save_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    target = output_dir / "checkpoints" / f"step-{step}"
-    staging = output_dir / "checkpoints" / f".step-{step}.tmp-ranks"
+    target = RunLayout(output_dir).checkpoint(step)
+    staging = target.with_name(f".{target.name}.tmp-ranks")
     per_rank = parallel.world_size > 1 or parallel.sharded_optimizer
     if per_rank:
         staging.mkdir(parents=True, exist_ok=True)
@@ -171,10 +170,10 @@ def save_checkpoint(
                 write_resolved_config(config, tmp / RESOLVED_CONFIG)
                 state = {"step": step, "resume_key": asdict(resume_key), **extra_state}
                 # written last inside the temporary dir; the rename publishes the whole checkpoint at once
-                (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+                (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(staging, ignore_errors=True)
             if save_total_limit:
-                for old in complete_checkpoints(output_dir)[:-save_total_limit]:
+                for old in RunLayout(output_dir).complete_checkpoints()[:-save_total_limit]:
                     shutil.rmtree(old, ignore_errors=True)
     parallel.barrier()
     return target
@@ -186,7 +185,7 @@ def resolve_resume(config: Config, log=print) -> Path | None:
     if value is None:
         return None
     if value == "auto":
-        found = complete_checkpoints(Path(config.output_dir))
+        found = RunLayout(Path(config.output_dir)).complete_checkpoints()
         if not found:
             log(f"resume: auto found no complete checkpoint under {config.output_dir}/checkpoints; "
                 "starting fresh")
@@ -194,9 +193,9 @@ def resolve_resume(config: Config, log=print) -> Path | None:
         log(f"resume: auto picked the newest complete checkpoint, checkpoints/{found[-1].name}")
         return found[-1]
     path = Path(value)
-    if not (path / STATE_FILE).is_file():
+    if not (path / CHECKPOINT_STATE).is_file():
         raise UserError(
-            f"resume_from_checkpoint: '{path}' is not a complete axlora checkpoint (no {STATE_FILE}); "
+            f"resume_from_checkpoint: '{path}' is not a complete axlora checkpoint (no {CHECKPOINT_STATE}); "
             "expected output_dir/checkpoints/step-N or auto."
         )
     return path
@@ -205,9 +204,9 @@ def resolve_resume(config: Config, log=print) -> Path | None:
 def read_checkpoint_state(path: Path, resume_key: ResumeKey) -> dict[str, Any]:
     """The checkpoint's state, after checking that the run's data and batch shape are unchanged."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"resume_from_checkpoint: cannot read {path / STATE_FILE}: {exc}") from None
+        raise UserError(f"resume_from_checkpoint: cannot read {path / CHECKPOINT_STATE}: {exc}") from None
     differences = resume_key.differences(state.get("resume_key", {}))
     if differences:
         raise _refused_resume(path, differences)
@@ -217,9 +216,9 @@ def read_checkpoint_state(path: Path, resume_key: ResumeKey) -> dict[str, Any]:
 def check_adapter_unchanged(path: Path, peft_model) -> None:
     """Refuse a resume whose LoRA (rank, alpha, dropout, targets) differs from the checkpoint's."""
     try:
-        saved = json.loads((path / "adapter_config.json").read_text())
+        saved = json.loads((path / ADAPTER_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"resume_from_checkpoint: cannot read {path / 'adapter_config.json'}: {exc}") from None
+        raise UserError(f"resume_from_checkpoint: cannot read {path / ADAPTER_CONFIG}: {exc}") from None
     current = peft_model.peft_config[peft_model.active_adapter]
     differences = []
     for yaml_key, peft_key in _ADAPTER_KEYS.items():
@@ -280,14 +279,15 @@ def set_aside_earlier_checkpoints(output_dir: Path, log=print) -> Path | None:
     Half-written saves are never trusted and are removed. Returns where the checkpoints went.
     """
     remove_unfinished_saves(output_dir)
-    earlier = complete_checkpoints(output_dir)
+    earlier = RunLayout(output_dir).complete_checkpoints()
     if not earlier:
         return None
     index = 1
-    while (output_dir / f"checkpoints-earlier-{index}").exists():
+    layout = RunLayout(output_dir)
+    while layout.earlier_checkpoints(index).exists():
         index += 1
-    target = output_dir / f"checkpoints-earlier-{index}"
-    (output_dir / "checkpoints").rename(target)
+    target = layout.earlier_checkpoints(index)
+    layout.checkpoints.rename(target)
     log(f"checkpoints: this run starts fresh; the {len(earlier)} checkpoint(s) of an earlier run in this output_dir "
         f"({', '.join(p.name for p in earlier)}) are moved to {target} (resume_from_checkpoint: auto would have "
         "continued them; delete that directory once it is not needed)")
@@ -296,7 +296,7 @@ def set_aside_earlier_checkpoints(output_dir: Path, log=print) -> Path | None:
 
 def remove_unfinished_saves(output_dir: Path) -> None:
     """Delete ``.step-N.tmp-PID`` / ``.step-N.old-PID`` left by a save that was killed (never trusted anyway)."""
-    root = output_dir / "checkpoints"
+    root = RunLayout(output_dir).checkpoints
     if root.is_dir():
         for child in root.iterdir():
             if child.name.startswith(".step-") and (".tmp-" in child.name or ".old-" in child.name):

@@ -21,7 +21,7 @@ import math
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 
 IGNORE_INDEX = -100
 # model families whose forward is exactly loss_function(lm_head(hidden)): no logit scaling or soft-capping

@@ -12,54 +12,10 @@ the code a GPU run uses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from axlora.config.schema import FSDP1_ONLY, Config, FsdpConfig
-from axlora.errors import UserError
-
-
-@dataclass(frozen=True)
-class FsdpSettings:
-    reshard_after_forward: bool
-    offload_params: bool
-    layer_classes: tuple[str, ...] | None  # None: the model's own decoder-layer classes
-    load_on_main_only: bool = False  # cpu_ram_efficient_loading: rank 0 reads the weights, sends each its shards
-    notes: tuple[str, ...] = field(default=())
-
-    def describe(self) -> str:
-        strategy = "FULL_SHARD" if self.reshard_after_forward else "SHARD_GRAD_OP"
-        return (strategy + (", base weights offloaded to CPU RAM" if self.offload_params else "")
-                + (", base loaded by rank 0 only" if self.load_on_main_only else ""))
-
-
-def fsdp_settings(config: Config) -> FsdpSettings | None:
-    """The FSDP settings of ``fsdp`` / ``fsdp_config`` (None when FSDP is off), with notes on what maps how."""
-    if not config.uses_fsdp():
-        return None
-    settings = config.fsdp_config or FsdpConfig()
-    options = set(config.fsdp or ())
-    reshard = settings.reshard_after_forward
-    if settings.sharding_strategy is not None:
-        reshard = settings.sharding_strategy == "FULL_SHARD"
-    if "shard_grad_op" in options:
-        reshard = False
-    notes = []
-    if 1 in (config.fsdp_version, settings.version):
-        notes.append("fsdp_version 1: axlora runs FSDP2 (fully_shard); the FSDP1 settings map onto it")
-    unused = [name for name in FSDP1_ONLY if getattr(settings, name) is not None]
-    if unused:
-        notes.append(f"fsdp_config: {', '.join(unused)}: FSDP1 settings with no FSDP2 counterpart; not used")
-    if settings.state_dict_type != "FULL_STATE_DICT":
-        notes.append(f"fsdp_config.state_dict_type {settings.state_dict_type}: the adapter is never sharded; "
-                     "final/ and checkpoints hold it whole")
-    return FsdpSettings(
-        reshard_after_forward=reshard,
-        offload_params=settings.offload_params or "offload" in options,
-        layer_classes=tuple(settings.transformer_layer_cls_to_wrap) if settings.transformer_layer_cls_to_wrap else None,
-        load_on_main_only=settings.cpu_ram_efficient_loading,
-        notes=tuple(notes),
-    )
+from axlora.config.fsdp import FsdpSettings
+from axlora.core.errors import UserError
 
 
 def whole_parameters(peft_model) -> list:

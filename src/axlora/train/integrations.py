@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import Config
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 
 Log = Callable[[str], None]
 

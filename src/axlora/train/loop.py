@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from axlora import __version__
+from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config
+from axlora.core.errors import UserError
+from axlora.core.names import RESOLVED_CONFIG
 from axlora.data.collate import PackedCollator, PaddedCollator, model_inputs
 from axlora.data.pack import pack_examples
 from axlora.data.prepare import PreparedData, prepare_data
-from axlora.errors import UserError
 from axlora.model.adapter import AdapterPlan, attach_adapter, effective_adapter_settings, plan_adapter
 from axlora.model.load import load_base_model, load_tokenizer, require_machine_support, tokenizer_fingerprint
 from axlora.train import checkpoint as ckpt
-from axlora.train.fsdp import fsdp_settings, materialize_empty
+from axlora.train.fsdp import materialize_empty
 from axlora.train.integrations import start_integrations
 from axlora.train.length_groups import build_schedule
 from axlora.train.metrics import MetricsLog
@@ -494,12 +496,12 @@ def _save_adapter(model, directory: Path) -> None:
 
 
 def _write_final(output_dir: Path, model, tokenizer, config: Config, summary: dict) -> None:
-    from axlora.atomic import atomic_directory
+    from axlora.core.atomic import atomic_directory
 
     with atomic_directory(output_dir / "final") as tmp:
         _save_adapter(model, tmp)
         tokenizer.save_pretrained(tmp)
-        ckpt.write_resolved_config(config, tmp / ckpt.RESOLVED_CONFIG)
+        ckpt.write_resolved_config(config, tmp / RESOLVED_CONFIG)
         (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from types import SimpleNamespace
 
 from axlora.config.schema import Config
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 
 
 def resolve_optimizer(config: Config):
@@ -16,7 +16,7 @@ def resolve_optimizer(config: Config):
 
     known = {o.value for o in OptimizerNames}
     if config.optimizer not in known:
-        from axlora.config.load import did_you_mean
+        from axlora.core.suggest import did_you_mean
 
         raise UserError(
             f"optimizer: unknown optimizer '{config.optimizer}'{did_you_mean(config.optimizer, known)}"

@@ -18,8 +18,8 @@ from datetime import timedelta
 from typing import Any
 
 from axlora.config.schema import Config
-from axlora.deepspeed_config import DeepSpeedSetup, load_deepspeed_setup
-from axlora.errors import RunFailed
+from axlora.core.errors import RunFailed
+from axlora.train.deepspeed import DeepSpeedSetup, load_deepspeed_setup
 
 
 def deepspeed_setup(config: Config, precision: str) -> DeepSpeedSetup | None:

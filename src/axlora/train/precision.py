@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from axlora.config.schema import Config
-from axlora.errors import UserError
+from axlora.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The offline demo: a learnable generated task and a tiny Llama-architecture model built on first use.
+"""The offline demo's model: a tiny Llama-architecture model built on first use.
 
 Nothing here needs the network. ``axlora:tiny-llama`` as ``base_model`` names a small Llama with a byte-level
 BPE tokenizer trained with ``tokenizers`` on the demo's own text. It is built once into the user cache
@@ -15,78 +15,31 @@ piece of the alpaca template, so a demo sample is about 16 tokens instead of 60,
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import shutil
 import sys
 import time
 from pathlib import Path
 
-BUILTIN_PREFIX = "axlora:"
+from axlora.core.atomic import atomic_directory
+from axlora.core.errors import UserError
+from axlora.core.names import BUILTIN_MODEL_PREFIX
+from axlora.data.demo_rows import addition_rows, pretrain_rows
+
 TINY_LLAMA = "tiny-llama"
 _TINY_VERSION = "v2"
 # What axlora:tiny-llama is; a change here needs a new _TINY_VERSION (the cache is keyed by it).
 _TINY_LLAMA_BUILD = {"hidden_size": 128, "num_layers": 4, "template_tokens": True, "pretrain_steps": 400}
-
-ADD_INSTRUCTION = "Add the two numbers."
-# The tasks the built-in model is pre-trained on: near addition, but not it (see the module docstring).
-PRETRAIN_TASKS = (
-    ("Repeat the first number.", lambda a, b: str(a)),
-    ("Repeat the second number.", lambda a, b: str(b)),
-    ("Add the last digits of the two numbers.", lambda a, b: str(a % 10 + b % 10)),
-)
-_PRETRAIN_ORDER = (0, 2, 1, 2)  # the digit sums take longest to learn: every other row
-
-
-def addition_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
-    """Alpaca rows that ask for the sum of two numbers below 50: small enough to learn in a minute."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        rows.append({"instruction": ADD_INSTRUCTION, "input": f"{a}+{b}", "output": str(a + b)})
-    return rows
-
-
-def pretrain_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
-    """Alpaca rows of ``PRETRAIN_TASKS`` on numbers below 100, one-digit ones often (30%)."""
-    rng = random.Random(seed)
-
-    def number() -> int:
-        return rng.randint(0, 9) if rng.random() < 0.3 else rng.randint(10, 99)
-
-    rows = []
-    for index in range(count):
-        instruction, answer = PRETRAIN_TASKS[_PRETRAIN_ORDER[index % len(_PRETRAIN_ORDER)]]
-        a, b = number(), number()
-        rows.append({"instruction": instruction, "input": f"{a}+{b}", "output": answer(a, b)})
-    return rows
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Write rows as JSON lines (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
-
 
 def cache_dir() -> Path:
     """Where built-in models are built: ``$AXLORA_CACHE`` or ``~/.cache/axlora``."""
     return Path(os.environ.get("AXLORA_CACHE", Path.home() / ".cache" / "axlora")).expanduser()
 
 
-def is_builtin(name: str) -> bool:
-    return name.startswith(BUILTIN_PREFIX)
-
-
 def resolve_builtin(name: str) -> Path:
     """Directory of a built-in model, building it on first use."""
-    kind = name[len(BUILTIN_PREFIX):]
+    kind = name[len(BUILTIN_MODEL_PREFIX):]
     if kind != TINY_LLAMA:
-        from axlora.errors import UserError
-
-        raise UserError(f"base_model: unknown built-in model '{name}'; available: {BUILTIN_PREFIX}{TINY_LLAMA}.")
+        raise UserError(f"base_model: unknown built-in model '{name}'; available: {BUILTIN_MODEL_PREFIX}{TINY_LLAMA}.")
     target = cache_dir() / "models" / f"{TINY_LLAMA}-{_TINY_VERSION}"
     if not (target / "config.json").exists():
         print(f"{name}: first use, building it into {target} (pre-training, about a minute on 2 CPU cores)",
@@ -115,10 +68,8 @@ def build_tiny_llama(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # replace=False: when another process built it meanwhile, theirs is kept
+    with atomic_directory(target, replace=False) as tmp:
         tokenizer = train_tiny_tokenizer(template_tokens=template_tokens)
         tokenizer.save_pretrained(tmp)
         config = LlamaConfig(
@@ -141,12 +92,6 @@ def build_tiny_llama(
                 pretrain(model, tokenizer, pretrain_steps, seed=seed)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp)
-        if target.exists():  # another process built it meanwhile; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

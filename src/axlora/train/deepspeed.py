@@ -15,17 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from axlora.config.deepspeed_presets import AXOLOTL_FILES, PRESETS
 from axlora.config.schema import Config
-from axlora.errors import UserError
-
-PRESETS = ("zero1", "zero2", "zero3", "zero3_offload")
-
-# Axolotl configs name the JSON files its repository ships; the same settings are our presets.
-AXOLOTL_FILES = {
-    "zero1.json": "zero1", "zero1_torch_compile.json": "zero1", "zero2.json": "zero2", "zero3.json": "zero3",
-    "zero3_bf16.json": "zero3", "zero3_bf16_cpuoffload_all.json": "zero3_offload",
-    "zero3_bf16_cpuoffload_params.json": "zero3_offload",
-}
+from axlora.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,11 @@ import json
 import math
 from pathlib import Path
 
+from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config, DatasetConfig
-from axlora.data.prepare import val_row_count
-from axlora.demo import is_builtin
-from axlora.errors import UserError
+from axlora.core.errors import UserError
+from axlora.core.names import is_builtin_model
 from axlora.model.adapter import plan_adapter
-from axlora.train.fsdp import fsdp_settings
 
 
 def count_local_rows(dataset: DatasetConfig) -> int | None:
@@ -33,7 +32,7 @@ def count_local_rows(dataset: DatasetConfig) -> int | None:
 
 def describe_plan(config: Config) -> str:
     """A readable summary: model, adapter case, datasets, batch and steps."""
-    lines = [f"base_model: {config.base_model}" + (" (built-in demo model)" if is_builtin(config.base_model) else "")]
+    lines = [f"base_model: {config.base_model}" + (" (built-in demo model)" if is_builtin_model(config.base_model) else "")]
     lines.append(plan_adapter(config).describe())
     total_rows: int | None = 0
     for dataset in config.datasets:
@@ -52,7 +51,7 @@ def describe_plan(config: Config) -> str:
     if config.max_steps is not None:
         lines.append(f"steps: {config.max_steps} (max_steps)")
     elif total_rows is not None and not config.sample_packing:
-        val = val_row_count(config.val_set_size, total_rows)
+        val = config.val_row_count(total_rows)
         steps = math.ceil(config.num_epochs * math.ceil((total_rows - val) / per_step))
         lines.append(f"steps: {steps} ({config.num_epochs:g} epochs of {total_rows - val} rows, {val} held out)")
     else:
