@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from axlora.config.load import load_config
+from axlora.train.intervals import evaluates_at, saves_at
 
 from conftest import REPO
 
@@ -62,15 +63,15 @@ def test_hub_wandb_dora_example():
     assert config.hub_model_id == "my-user/mistral-7b-qlora-alpaca"
     assert config.eval_steps == pytest.approx(0.1)
     # a fraction of the run's steps: every 10 of 100 steps
-    assert [s for s in range(1, 101) if config.evaluates_at(s, 100, 50)] == list(range(10, 101, 10))
+    assert [s for s in range(1, 101) if evaluates_at(config, s, 100, 50)] == list(range(10, 101, 10))
 
 
 def test_chat_template_example():
     config, _ = by_name("qwen2.5-chat-template.yml")
     assert config.chat_template == "jinja" and config.chat_template_jinja.startswith("{% for message")
     assert config.mlflow_enabled() and config.hf_mlflow_log_artifacts
-    assert [s for s in range(1, 31) if config.evaluates_at(s, 30, 10)] == [10, 20, 30]
-    assert [s for s in range(1, 31) if config.saves_at(s, 30, 10)] == [10, 20]  # step 30 writes final/
+    assert [s for s in range(1, 31) if evaluates_at(config, s, 30, 10)] == [10, 20, 30]
+    assert [s for s in range(1, 31) if saves_at(config, s, 30, 10)] == [10, 20]  # step 30 writes final/
 
 
 def test_new_tokens_example():
@@ -78,7 +79,7 @@ def test_new_tokens_example():
     assert config.tokens == ["<tool_call>", "</tool_call>"]
     assert config.special_tokens.additional_special_tokens == ["<|tool|>"]
     assert config.peft_kwargs() == {"modules_to_save": ["embed_tokens", "lm_head"]}
-    assert config.saves_at(1, 500, 500) and not config.saves_at(2, 500, 500)
+    assert saves_at(config, 1, 500, 500) and not saves_at(config, 2, 500, 500)
 
 
 def test_speed_only_plugins_are_noted_not_refused():
@@ -104,8 +105,8 @@ def test_unpadded_batches_example():
     assert config.group_by_length and not config.sample_packing
     assert config.padding() == {"pad_to_multiple_of": 64, "sequence_len": 2048, "pad_to_sequence_len": False}
     assert config.attention_implementation() == "sdpa"  # xformers runs PyTorch's memory-efficient SDPA
-    assert not any(config.saves_at(s, 40, 20) for s in range(1, 41))
-    assert [s for s in range(1, 41) if config.evaluates_at(s, 40, 20)] == [20, 40]
+    assert not any(saves_at(config, s, 40, 20) for s in range(1, 41))
+    assert [s for s in range(1, 41) if evaluates_at(config, s, 40, 20)] == [20, 40]
 
 
 def test_switched_off_features_are_silent():

@@ -11,6 +11,7 @@ from axlora.config import axolotl
 from axlora.config.load import load_config
 from axlora.config.schema import Config, json_schema
 from axlora.core.errors import ConfigError
+from axlora.train.intervals import evaluates_at, saves_at
 
 from conftest import REPO, run_cli
 
@@ -181,8 +182,8 @@ def test_compat_doc_names_every_key():
 def test_eval_and_save_cadence(tmp_path):
     def cadence(text: str, total: int = 40, per_epoch: int = 20):
         config = load_config(write(tmp_path, text), log=lambda _n: None)
-        evals = [s for s in range(1, total + 1) if config.evaluates_at(s, total, per_epoch)]
-        saves = [s for s in range(1, total + 1) if config.saves_at(s, total, per_epoch)]
+        evals = [s for s in range(1, total + 1) if evaluates_at(config, s, total, per_epoch)]
+        saves = [s for s in range(1, total + 1) if saves_at(config, s, total, per_epoch)]
         return evals, saves
 
     assert cadence("") == ([40], [])  # axlora's default: evaluate at the end, no checkpoints

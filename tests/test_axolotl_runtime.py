@@ -121,25 +121,25 @@ def test_chat_template_jinja_is_set_saved_and_fingerprinted(make_config, tmp_pat
 
 
 def test_length_grouped_schedule_sees_every_row_once_in_similar_length_steps(make_config):
-    from axlora.train.length_groups import LengthGroupedSchedule, build_schedule
-    from axlora.train.schedule import StepSchedule
+    from axlora.train.data_order import DataOrder
+    from axlora.train.length_groups import LengthGroupedOrder, build_data_order
 
     lengths = [(i * 37) % 101 + 1 for i in range(200)]
     rows = [{"input_ids": [0] * n} for n in lengths]
     config = config_of(make_config, group_by_length=True, micro_batch_size=4, gradient_accumulation_steps=2)
-    schedule = build_schedule(config, rows, world_size=1)
-    assert isinstance(schedule, LengthGroupedSchedule)
+    schedule = build_data_order(config, rows, world_size=1)
+    assert isinstance(schedule, LengthGroupedOrder)
     for epoch in range(2):
         seen = [r for step in range(epoch * 25, epoch * 25 + 25) for r in schedule.step_rows(step)]
         assert sorted(seen) == list(range(200))
     spread = [max(lengths[r] for r in schedule.step_rows(s)) - min(lengths[r] for r in schedule.step_rows(s))
               for s in range(25)]
-    plain = StepSchedule(200, 4, 2, 1, config.seed)
+    plain = DataOrder(200, 4, 2, 1, config.seed)
     plain_spread = [max(lengths[r] for r in plain.step_rows(s)) - min(lengths[r] for r in plain.step_rows(s))
                     for s in range(25)]
     assert sum(spread) < sum(plain_spread) / 3
     packed = config_of(make_config, group_by_length=True, sample_packing=True)
-    assert type(build_schedule(packed, rows, world_size=1)) is StepSchedule
+    assert type(build_data_order(packed, rows, world_size=1)) is DataOrder
 
 
 

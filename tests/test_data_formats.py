@@ -12,8 +12,8 @@ import pytest
 from axlora.config.chat_templates import BUILTIN_TEMPLATES
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
+from axlora.core.names import IGNORE_INDEX
 from axlora.data.formats import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, build_format
-from axlora.data.rows import IGNORE_INDEX
 from axlora.data.segments import RowFormatError
 from axlora.data.tokenize import RowError, encode_rows
 

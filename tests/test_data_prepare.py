@@ -9,7 +9,7 @@ import pytest
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
-from axlora.data import workers
+from axlora.data import encode_pool
 from axlora.data.demo_rows import addition_rows, write_jsonl
 from axlora.data.formats import build_formats
 from axlora.data.prepare import prepare_data
@@ -136,9 +136,9 @@ def test_workers_give_the_same_rows_as_one_process(tmp_path, tokenizer, monkeypa
     formats = build_formats(config, tokenizer)
     entries = [(0, i, row) for i, row in enumerate(addition_rows(300, seed=2))]
     serial = encode_rows(entries, formats, tokenizer, train_on_inputs=False)
-    monkeypatch.setattr(workers, "CHUNK_ROWS", 64)
-    monkeypatch.setattr(workers, "MIN_ROWS_PER_PROCESS", 100)
-    parallel = workers.encode_in_chunks(entries, formats, tokenizer, train_on_inputs=False, processes=2)
+    monkeypatch.setattr(encode_pool, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(encode_pool, "MIN_ROWS_PER_PROCESS", 100)
+    parallel = encode_pool.encode_in_chunks(entries, formats, tokenizer, train_on_inputs=False, processes=2)
     assert list(parallel) == list(serial) and np.array_equal(parallel.origin, serial.origin)
 
 

@@ -50,15 +50,15 @@ def test_bad_hardware_settings_exit_2_before_any_worker(make_config, overrides, 
 def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path):
     from axlora.config.schema import Config
     from axlora.core.errors import UserError
-    from axlora.launch import plan_launch
+    from axlora.launch import process_layout
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     config = Config(base_model="m", datasets=[{"path": "d.jsonl", "type": "alpaca"}], lora_target_linear=True,
                     max_steps=1, num_processes=4)
     with pytest.raises(UserError, match="4 processes asked for, but this machine has 2 GPU"):
-        plan_launch(config)
-    assert plan_launch(config.model_copy(update={"num_processes": None})).num_processes == 2
+        process_layout(config)
+    assert process_layout(config.model_copy(update={"num_processes": None})).num_processes == 2
 
 
 def test_bad_input_found_by_the_workers_still_exits_2(make_config):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from axlora.core.names import IGNORE_INDEX
 from axlora.data.collate import (
     PackedCollator,
     PaddedCollator,
@@ -23,7 +24,7 @@ from axlora.data.collate import (
     model_inputs,
     varlen_kwargs,
 )
-from axlora.data.pack import IGNORE_INDEX, PackingStats, pack_examples, pack_sequences
+from axlora.data.pack import PackingStats, pack_examples, pack_sequences
 
 VOCAB = 128
 

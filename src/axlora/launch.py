@@ -32,7 +32,7 @@ def under_launcher() -> bool:
 
 
 @dataclass(frozen=True)
-class LaunchPlan:
+class ProcessLayout:
     num_processes: int
     num_machines: int
     machine_rank: int
@@ -53,7 +53,7 @@ class LaunchPlan:
         return self.num_processes * self.num_machines
 
 
-def plan_launch(config: Config) -> LaunchPlan:
+def process_layout(config: Config) -> ProcessLayout:
     """Process layout from the config and the GPUs present; bad settings fail here, before any worker."""
     import torch
 
@@ -71,7 +71,7 @@ def plan_launch(config: Config) -> LaunchPlan:
             f"machine_rank: {config.machine_rank} is out of range for num_machines {config.num_machines} "
             f"(ranks are 0..{config.num_machines - 1})."
         )
-    plan = LaunchPlan(
+    plan = ProcessLayout(
         num_processes=num_processes,
         num_machines=config.num_machines,
         machine_rank=config.machine_rank,
@@ -88,7 +88,7 @@ def plan_launch(config: Config) -> LaunchPlan:
     return plan
 
 
-def _check_fsdp(config: Config, plan: LaunchPlan) -> None:
+def _check_fsdp(config: Config, plan: ProcessLayout) -> None:
     """What the config alone cannot tell about ``fsdp``: whether this machine can do it."""
     from axlora.config.fsdp import fsdp_settings
 
@@ -98,7 +98,7 @@ def _check_fsdp(config: Config, plan: LaunchPlan) -> None:
                         "with GPUs; on this CPU-only machine turn it off.")
 
 
-def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
+def _check_deepspeed(config: Config, plan: ProcessLayout) -> int:
     """Everything about the ``deepspeed`` key that can fail, checked before a worker starts; the ZeRO stage."""
     from axlora.train.deepspeed import load_deepspeed_setup, require_deepspeed
     from axlora.train.precision import choose_precision
@@ -114,7 +114,7 @@ def _check_deepspeed(config: Config, plan: LaunchPlan) -> int:
     return setup.stage
 
 
-def accelerate_arguments(plan: LaunchPlan, config_path: Path, overrides: list[str]) -> list[str]:
+def accelerate_arguments(plan: ProcessLayout, config_path: Path, overrides: list[str]) -> list[str]:
     """``accelerate launch`` arguments re-running this same ``axlora train`` in every worker.
 
     ``--multi_gpu`` also drives several CPU processes (accelerate then uses gloo); ``--cpu`` would start
@@ -146,7 +146,7 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
                 return exc.exit_code  # the launcher prints it, once for all ranks
             raise
         return 0
-    plan = plan_launch(config)
+    plan = process_layout(config)
     if plan.world_size == 1:
         from axlora.train.loop import run_training
 
@@ -158,11 +158,11 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
         prepared = prepare_once(config, log)
         check_resume(config, plan, prepared.fingerprint)
     arguments = accelerate_arguments(plan, config_path, overrides)
-    # printed as the plain accelerate command (rerunnable by hand); run through axlora.workers, which is
+    # printed as the plain accelerate command (rerunnable by hand); run through axlora.launch_workers, which is
     # the same launch without accelerate's own traceback when a worker fails
     log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
         + shlex.join([sys.executable, "-m", "accelerate.commands.launch", *arguments]))
-    command = [sys.executable, "-m", "axlora.workers", *arguments]
+    command = [sys.executable, "-m", "axlora.launch_workers", *arguments]
     with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
         returncode = subprocess.run(command, check=False, env={**os.environ, _STATUS_DIR_ENV: status_dir}).returncode
         statuses = [json.loads(path.read_text()) for path in sorted(Path(status_dir).glob("rank-*"))]
@@ -183,7 +183,7 @@ def _leave_status(exit_code: int, message: str) -> bool:
     return True
 
 
-def _become_single_worker(plan: LaunchPlan) -> None:
+def _become_single_worker(plan: ProcessLayout) -> None:
     """DeepSpeed and FSDP need a process group even for one process: this process becomes a world of one."""
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -199,7 +199,7 @@ def prepare_once(config: Config, log=print):
     return prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), log)
 
 
-def check_resume(config: Config, plan: LaunchPlan, data_fingerprint: str) -> None:
+def check_resume(config: Config, plan: ProcessLayout, data_fingerprint: str) -> None:
     """A resume the workers would refuse (changed data, batch, process count, ZeRO stage) fails here, first."""
     from axlora.train import checkpoint as ckpt
 

@@ -10,7 +10,7 @@ from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config, DatasetConfig
 from axlora.core.errors import UserError
 from axlora.core.names import is_builtin_model
-from axlora.model.adapter import plan_adapter
+from axlora.model.adapter import resolve_adapter
 
 
 def count_local_rows(dataset: DatasetConfig) -> int | None:
@@ -33,7 +33,7 @@ def count_local_rows(dataset: DatasetConfig) -> int | None:
 def describe_plan(config: Config) -> str:
     """A readable summary: model, adapter case, datasets, batch and steps."""
     lines = [f"base_model: {config.base_model}" + (" (built-in demo model)" if is_builtin_model(config.base_model) else "")]
-    lines.append(plan_adapter(config).describe())
+    lines.append(resolve_adapter(config).describe())
     total_rows: int | None = 0
     for dataset in config.datasets:
         path = Path(dataset.path)

@@ -474,11 +474,6 @@ class PeftSettings(_Strict):
         return {key: value for key, value in values.items() if value is not None}
 
 
-def _steps(every: float, total_steps: int) -> int:
-    """An interval in steps: a whole number as is, a fraction (<1) of the run's total steps."""
-    return max(1, round(every * total_steps)) if every < 1 else int(every)
-
-
 class EvalSaveSettings(_Strict):
     """When to evaluate and checkpoint, in Axolotl's words: per epoch, by strategy, or every N steps."""
 
@@ -520,35 +515,6 @@ class EvalSaveSettings(_Strict):
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _interval(self, kind: str, steps_per_epoch: int, total_steps: int) -> int | None:
-        per_epoch = getattr(self, f"{kind}s_per_epoch")
-        steps = getattr(self, f"{kind}_steps", None)
-        if getattr(self, f"{kind}_strategy") == "no":
-            return None
-        if per_epoch:
-            return max(1, round(steps_per_epoch / per_epoch))
-        if steps:
-            return _steps(steps, total_steps)
-        if getattr(self, f"{kind}_strategy") == "epoch":
-            return steps_per_epoch
-        return None
-
-    def evaluates_at(self, step: int, total_steps: int, steps_per_epoch: int) -> bool:
-        """Whether to evaluate after optimizer step ``step`` (1-based); the last step always, unless ``no``."""
-        if self.eval_strategy == "no":
-            return False
-        every = self._interval("eval", steps_per_epoch, total_steps)
-        return step == total_steps or (every is not None and step % every == 0)
-
-    def saves_at(self, step: int, total_steps: int, steps_per_epoch: int) -> bool:
-        """Whether to write ``checkpoints/step-N`` after ``step`` (the last step writes ``final/`` instead)."""
-        if step >= total_steps or self.save_strategy == "no":
-            return False
-        if self.save_first_step and step == 1:
-            return True
-        every = self._interval("save", steps_per_epoch, total_steps)
-        return every is not None and step % every == 0
 
 
 class BatchingSettings(_Strict):
@@ -787,6 +753,15 @@ class Config(
         json_schema_extra={"description": "axlora LoRA fine-tuning config (YAML)."},
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_fsdp_activation_checkpointing(cls, data: Any) -> Any:
+        """``fsdp_config.activation_checkpointing`` is FSDP's name for ``gradient_checkpointing``."""
+        fsdp_config = data.get("fsdp_config") if isinstance(data, dict) else None
+        if isinstance(fsdp_config, dict) and fsdp_config.get("activation_checkpointing") is True:
+            return {**data, "gradient_checkpointing": True}
+        return data
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         problems = []
@@ -828,8 +803,6 @@ class Config(
         if self.chunked_cross_entropy:
             problems.append("chunked_cross_entropy: not with FSDP, which shards the output head's weight; "
                             "turn one of them off.")
-        if self.fsdp_config and self.fsdp_config.activation_checkpointing:
-            self.gradient_checkpointing = True  # FSDP's name for the same recomputation
         return problems
 
     def derived_warmup_steps(self, total_steps: int) -> int:

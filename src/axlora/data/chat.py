@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from axlora.data.chat_templates import ChatTemplate
-from axlora.data.segments import PromptEntry, Row, RowFormat, RowFormatError, Segment
+from axlora.data.segments import PromptEntry, RawRecord, RowFormat, RowFormatError, Segment
 
 DEFAULT_ROLES: dict[str, list[str]] = {
     "user": ["human", "user"],
@@ -70,7 +70,7 @@ def chat_format(
         except Exception as exc:  # jinja raises TemplateError, UndefinedError, TypeError...
             raise RowFormatError(field_messages, f"{template.source} failed: {type(exc).__name__}: {exc}") from None
 
-    def segments(row: Row) -> list[Segment]:
+    def segments(row: RawRecord) -> list[Segment]:
         messages, train_flags = messages_of(row)
         contents = [m["content"] for m in messages]
         skeleton_messages = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
@@ -113,7 +113,7 @@ class _MessageReader:
         self.aliases = aliases
         self.training_key = training_key
 
-    def __call__(self, row: Row) -> tuple[list[dict[str, Any]], list[bool | None]]:
+    def __call__(self, row: RawRecord) -> tuple[list[dict[str, Any]], list[bool | None]]:
         raw = row.get(self.field)
         if raw is None:
             raise RowFormatError(self.field, f"missing field '{self.field}' (the list of messages)")

@@ -64,9 +64,10 @@ from typing import Any
 
 import torch
 
-from axlora.data.pack import IGNORE_INDEX
+from axlora.core.names import IGNORE_INDEX
 
-Row = Mapping[str, Sequence[int]]
+TokenizedRow = Mapping[str, Sequence[int]]
+"""One tokenized training row: ``input_ids`` and ``labels`` (and for packed rows, the boundaries)."""
 
 MODEL_INPUT_KEYS = (
     "input_ids",
@@ -118,7 +119,7 @@ class _PadPolicy:
         return target
 
 
-def _row_lengths(rows: Sequence[Row]) -> list[int]:
+def _row_lengths(rows: Sequence[TokenizedRow]) -> list[int]:
     """Lengths of rows, checking they are non-empty and that ``labels`` line up with ``input_ids``."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
@@ -138,7 +139,7 @@ def _pad_id(pad_token_id: int | None) -> int:
     return 0 if pad_token_id is None else pad_token_id
 
 
-def _fill(rows: Sequence[Row], key: str, length: int, pad_value: int) -> torch.Tensor:
+def _fill(rows: Sequence[TokenizedRow], key: str, length: int, pad_value: int) -> torch.Tensor:
     """``(len(rows), length)`` int64 tensor of ``row[key]``, right-padded with ``pad_value``."""
     out = torch.full((len(rows), length), pad_value, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -168,7 +169,7 @@ class PaddedCollator(_Collator):
     ``attention_mask`` given, transformers does not look for packing, so pad positions are harmless.
     """
 
-    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[TokenizedRow]) -> dict[str, Any]:
         lengths = _row_lengths(rows)
         length = self.target_length(lengths)
         labels = _fill(rows, "labels", length, IGNORE_INDEX)
@@ -182,7 +183,7 @@ class PaddedCollator(_Collator):
         }
 
 
-def _packed_position_ids(rows: Sequence[Row], lengths: Sequence[int], length: int) -> torch.Tensor:
+def _packed_position_ids(rows: Sequence[TokenizedRow], lengths: Sequence[int], length: int) -> torch.Tensor:
     """Row positions, with each row's padding tail as its own segment restarting at 0."""
     position_ids = torch.arange(length).repeat(len(rows), 1)  # pad tails: 0..pad-1 after the shift below
     for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
@@ -227,7 +228,7 @@ class PackedCollator(_Collator):
     (int). There is deliberately no ``attention_mask``: see the module docstring.
     """
 
-    def __call__(self, rows: Sequence[Row]) -> dict[str, Any]:
+    def __call__(self, rows: Sequence[TokenizedRow]) -> dict[str, Any]:
         lengths = _row_lengths(rows)
         length = self.target_length(lengths)
         position_ids = _packed_position_ids(rows, lengths, length)

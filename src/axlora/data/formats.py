@@ -24,7 +24,7 @@ from axlora.config.schema import Config, DatasetConfig
 from axlora.core.errors import UserError
 from axlora.data.chat import DEFAULT_ROLES, chat_format
 from axlora.data.chat_templates import TemplateChoiceError, choose_template
-from axlora.data.segments import PromptEntry, Row, RowFormat, RowFormatError, Segment, required_text
+from axlora.data.segments import PromptEntry, RawRecord, RowFormat, RowFormatError, Segment, required_text
 
 __all__ = ["FORMATS", "RowFormatError", "Segment", "alpaca", "alpaca_prompt", "build_format", "build_formats"]
 
@@ -40,7 +40,7 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-def alpaca(row: Row) -> list[Segment]:
+def alpaca(row: RawRecord) -> list[Segment]:
     """Alpaca: ``instruction`` (+ optional ``input``) is the prompt, ``output`` the completion."""
     instruction = required_text(row, "instruction")
     output = required_text(row, "output")
@@ -65,16 +65,16 @@ def _alpaca_entry(entry: PromptEntry) -> str:
     return alpaca(row)[0].text
 
 
-def completion(field: str) -> Callable[[Row], list[Segment]]:
+def completion(field: str) -> Callable[[RawRecord], list[Segment]]:
     """Completion: the whole text of ``field`` is trained (continued pre-training, plain documents)."""
 
-    def segments(row: Row) -> list[Segment]:
+    def segments(row: RawRecord) -> list[Segment]:
         return [Segment(required_text(row, field), trainable=True)]
 
     return segments
 
 
-def input_output(row: Row) -> list[Segment]:
+def input_output(row: RawRecord) -> list[Segment]:
     """Template-free: ``segments`` of ``{text, label}``, concatenated as written; ``label: false`` is masked."""
     pieces = row.get("segments")
     if pieces is None:

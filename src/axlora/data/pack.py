@@ -54,7 +54,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from axlora.core.names import IGNORE_INDEX
+
 """Label value that the cross-entropy loss ignores (``torch.nn.CrossEntropyLoss`` default)."""
 
 

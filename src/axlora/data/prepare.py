@@ -89,8 +89,8 @@ def _write(prepared: PreparedData, cache_dir: Path, sequence_len: int) -> None:
 
 def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str) -> PreparedData:
     """Read, take, shuffle, split, tokenize and apply the length rule (no cache involved)."""
+    from axlora.data.encode_pool import encode_in_chunks
     from axlora.data.report import length_summary, packing_summary, split_summary
-    from axlora.data.workers import encode_in_chunks
 
     sources = [load_source(dataset, config.seed) for dataset in config.datasets]
     entries: list[Entry] = [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from axlora.core.names import IGNORE_INDEX
 
 
 class TokenizedRows(Sequence):

@@ -33,7 +33,8 @@ class RowFormatError(ValueError):
         return (type(self), (self.field, str(self)))
 
 
-Row = Mapping[str, Any]
+RawRecord = Mapping[str, Any]
+"""One record of a dataset as read from its file, before any format turns it into text."""
 PromptEntry = str | Mapping[str, Any]
 
 
@@ -48,7 +49,7 @@ class RowFormat:
     """
 
     name: str
-    segments: Callable[[Row], list[Segment]] | None
+    segments: Callable[[RawRecord], list[Segment]] | None
     prompt: Callable[[PromptEntry], str]
     add_bos: bool = False
     append_eos: bool = False
@@ -58,7 +59,7 @@ class RowFormat:
     """What changes this format's output beyond the dataset's own keys (e.g. the template text): cache key."""
 
 
-def required_text(row: Row, field: str) -> str:
+def required_text(row: RawRecord, field: str) -> str:
     """``row[field]`` as text, or a ``RowFormatError`` naming the field."""
     value = row.get(field)
     if value is None:

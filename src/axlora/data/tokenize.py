@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from axlora.data.rows import IGNORE_INDEX, TokenizedRows
-from axlora.data.segments import Row, RowFormat, RowFormatError, Segment
+from axlora.core.names import IGNORE_INDEX
+from axlora.data.rows import TokenizedRows
+from axlora.data.segments import RawRecord, RowFormat, RowFormatError, Segment
 
-Entry = tuple[int, int, Row]
+Entry = tuple[int, int, RawRecord]
 """A row to tokenize: (index of its ``datasets`` entry, its position in that dataset, the row)."""
 
 # Label rules of a piece of tokens
@@ -178,7 +179,7 @@ def _has_offsets(tokenizer) -> bool:
     return bool(getattr(tokenizer, "is_fast", False))
 
 
-def pretokenized(row: Row, vocab_size: int) -> tuple[list[int], list[int]]:
+def pretokenized(row: RawRecord, vocab_size: int) -> tuple[list[int], list[int]]:
     """``input_ids`` and ``labels`` of a pre-tokenized row, checked; ``attention_mask`` 0 drops padding.
 
     ``labels`` default to ``input_ids`` (every token trained).
@@ -208,7 +209,7 @@ def pretokenized(row: Row, vocab_size: int) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _int_list(row: Row, field: str, *, required: bool) -> list[int] | None:
+def _int_list(row: RawRecord, field: str, *, required: bool) -> list[int] | None:
     value = row.get(field)
     if value is None:
         if required:

@@ -1,6 +1,6 @@
 """Which LoRA to train: continue an existing adapter, or start a fresh one.
 
-``plan_adapter`` decides from the config and the disk alone (no torch import, so ``validate`` can print
+``resolve_adapter`` decides from the config and the disk alone (no torch import, so ``validate`` can print
 it and refuse a bad ``lora_model_dir`` or a ``strict`` contradiction in a second); ``attach_adapter``
 then checks the adapter against the loaded base model and builds the peft model. The decision and its
 reason are always printed.
@@ -48,7 +48,7 @@ _LORA_FACTORS = (("lora_A", "A", False), ("lora_B", "B", False),
 
 
 @dataclass
-class AdapterPlan:
+class AdapterChoice:
     """What the loader will do and why (printed before training)."""
 
     case: Literal["continue", "fresh"]
@@ -103,7 +103,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return data
 
 
-def plan_adapter(config: Config) -> AdapterPlan:
+def resolve_adapter(config: Config) -> AdapterChoice:
     """Resolve the adapter case from the config and the disk (see the design's "Continuing a LoRA")."""
     if config.lora_model_dir:
         adapter_dir, reason = find_adapter(Path(config.lora_model_dir))
@@ -111,15 +111,15 @@ def plan_adapter(config: Config) -> AdapterPlan:
         _refuse_writing_over(adapter_dir, Path(config.output_dir))
         conflicts = adapter_setting_conflicts(config, adapter_config)
         _refuse_if_strict(config, conflicts)
-        plan = AdapterPlan("continue", reason, adapter_dir, adapter_config, conflicts)
+        plan = AdapterChoice("continue", reason, adapter_dir, adapter_config, conflicts)
         base = base_facts_on_disk(config.base_model)
         if base is not None and (adapter_dir / ADAPTER_WEIGHTS).is_file():
             check_base_model(config, plan, adapter_module_shapes(adapter_dir), base)
         return plan
     base = Path(config.base_model)
     if (base / MERGE_MARKER).is_file():
-        return AdapterPlan("fresh", f"base_model {base} is a merged model; training a fresh LoRA on it")
-    return AdapterPlan("fresh", f"new LoRA r={config.lora_r} alpha={config.lora_alpha:g} on {_targets(config)}")
+        return AdapterChoice("fresh", f"base_model {base} is a merged model; training a fresh LoRA on it")
+    return AdapterChoice("fresh", f"new LoRA r={config.lora_r} alpha={config.lora_alpha:g} on {_targets(config)}")
 
 
 def _refuse_writing_over(adapter_dir: Path, output_dir: Path) -> None:
@@ -180,7 +180,7 @@ def fresh_lora_config(config: Config):
     )
 
 
-def attach_adapter(model, config: Config, plan: AdapterPlan, log=print):
+def attach_adapter(model, config: Config, plan: AdapterChoice, log=print):
     """Wrap ``model`` with the planned LoRA; a continued adapter is checked against the base, loaded trainable."""
     from peft import get_peft_model
 
@@ -193,7 +193,7 @@ def attach_adapter(model, config: Config, plan: AdapterPlan, log=print):
     return _continue_adapter(model, config, plan, log)
 
 
-def _continue_adapter(model, config: Config, plan: AdapterPlan, log):
+def _continue_adapter(model, config: Config, plan: AdapterChoice, log):
     from peft import PeftModel
 
     assert plan.adapter_dir is not None
@@ -266,7 +266,7 @@ class BaseModelFacts:
     complete: bool
 
 
-def check_base_model(config: Config, plan: AdapterPlan, shapes: dict, base: BaseModelFacts) -> list[str]:
+def check_base_model(config: Config, plan: AdapterChoice, shapes: dict, base: BaseModelFacts) -> list[str]:
     """Refuse an adapter trained on another base: always when shapes differ, by name unless allowed.
 
     Returns the warning to print when ``allow_base_mismatch`` lets a differently named base through.
@@ -328,7 +328,7 @@ def loaded_weight_shapes(model) -> dict[str, tuple[int, ...]]:
 def base_facts_on_disk(base_model: str) -> BaseModelFacts | None:
     """Name and weight shapes of a local, unquantized base model from its safetensors headers, else None.
 
-    Lets ``plan_adapter`` (and so ``axlora validate``) refuse a foreign adapter before any model loads;
+    Lets ``resolve_adapter`` (and so ``axlora validate``) refuse a foreign adapter before any model loads;
     anything it cannot read from disk is checked again against the loaded model.
     """
     root = Path(base_model)

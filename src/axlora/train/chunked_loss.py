@@ -22,8 +22,8 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from axlora.core.errors import UserError
+from axlora.core.names import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 # model families whose forward is exactly loss_function(lm_head(hidden)): no logit scaling or soft-capping
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gemma")
 

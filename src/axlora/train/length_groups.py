@@ -1,6 +1,6 @@
 """``group_by_length``: batch rows of similar length together, so unpacked batches carry less padding.
 
-The order stays a pure function of (seed, epoch, row lengths), like ``StepSchedule``'s, so a resumed run
+The order stays a pure function of (seed, epoch, row lengths), like ``DataOrder``'s, so a resumed run
 sees the rows the uninterrupted run would. Each epoch is shuffled as usual, cut into mega-batches of
 ``MEGA_BATCH_STEPS`` steps, and each mega-batch is sorted longest first (the recipe of transformers'
 ``LengthGroupedSampler``): every step then holds rows of similar length, steps still come in random
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from axlora.config.schema import Config
-from axlora.train.schedule import StepSchedule
+from axlora.train.data_order import DataOrder
 
 MEGA_BATCH_STEPS = 50
 
 
 @dataclass(frozen=True)
-class LengthGroupedSchedule(StepSchedule):
+class LengthGroupedOrder(DataOrder):
     lengths: tuple[int, ...] = ()
 
     @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
@@ -33,7 +33,7 @@ class LengthGroupedSchedule(StepSchedule):
         return tuple(grouped)
 
 
-def build_schedule(config: Config, rows, world_size: int) -> StepSchedule:
+def build_data_order(config: Config, rows, world_size: int) -> DataOrder:
     """The step schedule for ``rows``: length-grouped when ``group_by_length`` (and not packing)."""
     common = dict(
         num_rows=len(rows),
@@ -43,5 +43,5 @@ def build_schedule(config: Config, rows, world_size: int) -> StepSchedule:
         seed=config.seed,
     )
     if config.group_by_length and not config.sample_packing:
-        return LengthGroupedSchedule(**common, lengths=tuple(len(row["input_ids"]) for row in rows))
-    return StepSchedule(**common)
+        return LengthGroupedOrder(**common, lengths=tuple(len(row["input_ids"]) for row in rows))
+    return DataOrder(**common)

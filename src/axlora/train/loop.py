@@ -26,19 +26,20 @@ from axlora.core.names import RESOLVED_CONFIG
 from axlora.data.collate import PackedCollator, PaddedCollator, model_inputs
 from axlora.data.pack import pack_examples
 from axlora.data.prepare import PreparedData, prepare_data
-from axlora.model.adapter import AdapterPlan, attach_adapter, effective_adapter_settings, plan_adapter
+from axlora.model.adapter import AdapterChoice, attach_adapter, effective_adapter_settings, resolve_adapter
 from axlora.model.load import load_base_model, load_tokenizer, require_machine_support, tokenizer_fingerprint
 from axlora.train import checkpoint as ckpt
+from axlora.train.completions import generate_completions, sample_prompt_texts
+from axlora.train.data_order import DataOrder
 from axlora.train.fsdp import materialize_empty
 from axlora.train.integrations import start_integrations
-from axlora.train.length_groups import build_schedule
+from axlora.train.intervals import evaluates_at, saves_at
+from axlora.train.length_groups import build_data_order
 from axlora.train.metrics import MetricsLog
-from axlora.train.optim import build_optimizer, build_scheduler, resolve_optimizer
+from axlora.train.optim import build_lr_scheduler, build_optimizer, resolve_optimizer
 from axlora.train.parallel import check_complete, deepspeed_setup, make_accelerator, prepare_parallel
 from axlora.train.precision import choose_precision
 from axlora.train.progress import Progress
-from axlora.train.samples import generate_samples, sample_prompt_texts
-from axlora.train.schedule import StepSchedule
 
 
 @dataclass
@@ -52,7 +53,7 @@ def run_training(config: Config, log=print) -> RunResult:
     started = time.perf_counter()
     # decided from the config and the disk alone, before torch loads: a bad lora_model_dir fails in a second
     _check_eval_settings(config)
-    plan = plan_adapter(config)
+    plan = resolve_adapter(config)
     require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
     from accelerate.utils import set_seed
 
@@ -106,10 +107,10 @@ def run_training(config: Config, log=print) -> RunResult:
     say(f"model: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), {precision.name}")
 
 
-    schedule = build_schedule(config, train_rows, accelerator.num_processes)
+    schedule = build_data_order(config, train_rows, accelerator.num_processes)
     total_steps = schedule.total_steps(config.num_epochs, config.max_steps)
     optimizer = build_optimizer(model, config, optimizer_cls, optimizer_kwargs)
-    scheduler = build_scheduler(optimizer, config, total_steps)
+    scheduler = build_lr_scheduler(optimizer, config, total_steps)
     early = EarlyStopping(config.early_stopping_patience)
 
     start_step, totals = 0, {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0}
@@ -124,7 +125,7 @@ def run_training(config: Config, log=print) -> RunResult:
     prompts = sample_prompt_texts(config, tokenizer)
     # under ZeRO-3 and FSDP every rank holds a slice of the weights: all ranks generate (in step), main reports
     sharded_weights = parallel.sharded_weights
-    samples_before = (generate_samples(accelerator.unwrap_model(model), tokenizer, prompts,
+    samples_before = (generate_completions(accelerator.unwrap_model(model), tokenizer, prompts,
                                        config.sample_max_new_tokens, synced_ranks=sharded_weights)
                       if is_main or sharded_weights else [])
     if state is not None:
@@ -171,7 +172,7 @@ def run_training(config: Config, log=print) -> RunResult:
                 "grad_norm": grad_norm, "tokens_per_second": tokens / max(seconds, 1e-9)}
         progress.update(done, last)
         row: dict[str, Any] | None = dict(last) if (done % config.logging_steps == 0 or done == total_steps) else None
-        if val_rows and config.evaluates_at(done, total_steps, schedule.steps_per_epoch):
+        if val_rows and evaluates_at(config, done, total_steps, schedule.steps_per_epoch):
             eval_loss = evaluate(model, accelerator, val_rows, val_collate, config.micro_batch_size)
             early.observe(done, eval_loss, accelerator.unwrap_model(model), parallel)
             row = {**(row or {"step": done}), "eval_loss": eval_loss}
@@ -183,7 +184,7 @@ def run_training(config: Config, log=print) -> RunResult:
             say(f"early stopping: eval_loss has not improved on step {early.best_step}'s "
                 f"{early.best_eval_loss:.4f} for {early.patience} evaluations; stopping at step {done}")
             break
-        if config.saves_at(done, total_steps, schedule.steps_per_epoch):
+        if saves_at(config, done, total_steps, schedule.steps_per_epoch):
             ckpt.save_checkpoint(
                 output_dir, done, parallel=parallel,
                 save_adapter=lambda d: _save_adapter(accelerator.unwrap_model(model), d),
@@ -202,7 +203,7 @@ def run_training(config: Config, log=print) -> RunResult:
             early.restore_best(unwrapped)
         say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
             f"of {done} steps trained")
-    samples_after = (generate_samples(unwrapped, tokenizer, prompts, config.sample_max_new_tokens,
+    samples_after = (generate_completions(unwrapped, tokenizer, prompts, config.sample_max_new_tokens,
                                       synced_ranks=sharded_weights)
                      if is_main or sharded_weights else [])
     summary = {
@@ -263,7 +264,7 @@ def _check_val_rows(config: Config, prepared: PreparedData) -> None:
                             "raise it (a fraction, or a row count >= 1).")
 
 
-def _config_as_trained(config: Config, model, plan: AdapterPlan) -> Config:
+def _config_as_trained(config: Config, model, plan: AdapterChoice) -> Config:
     """The config with a continued adapter's own rank/alpha/targets, so final/axlora.yml tells the truth."""
     if plan.case != "continue":
         return config
@@ -356,7 +357,7 @@ def _layout_val(prepared: PreparedData, config: Config, tokenizer):
     return prepared.val, PaddedCollator(pad_token_id=tokenizer.pad_token_id)
 
 
-def _train_step(model, parallel, schedule: StepSchedule, step: int, rows, collate, max_grad_norm, loss_mode):
+def _train_step(model, parallel, schedule: DataOrder, step: int, rows, collate, max_grad_norm, loss_mode):
     """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks.
 
     The last step of an epoch may give ranks different numbers of micro batches (or none). Every rank

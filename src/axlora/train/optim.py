@@ -47,7 +47,7 @@ def build_optimizer(model, config: Config, optimizer_cls, kwargs):
     return optimizer_cls(groups, **kwargs)
 
 
-def build_scheduler(optimizer, config: Config, total_steps: int):
+def build_lr_scheduler(optimizer, config: Config, total_steps: int):
     from transformers import get_scheduler
 
     return get_scheduler(

@@ -24,7 +24,7 @@ def sample_prompt_texts(config: Config, tokenizer=None) -> list[str]:
     return [fmt.prompt(entry) for entry in config.sample_prompts]
 
 
-def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, synced_ranks: bool = False) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, synced_ranks: bool = False) -> list[str]:
     """Greedy completions (deterministic, so before/after differ only by what training changed).
 
     ``synced_ranks``: every rank generates together (the weights are partitioned across them, ZeRO-3).

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 
 @dataclass(frozen=True)
-class StepSchedule:
+class DataOrder:
     num_rows: int
     micro_batch_size: int
     gradient_accumulation_steps: int

@@ -1,4 +1,4 @@
-"""``python -m axlora.workers ARGS``: ``accelerate launch ARGS``, without a traceback when a worker fails.
+"""``python -m axlora.launch_workers ARGS``: ``accelerate launch ARGS``, without a traceback when a worker fails.
 
 A worker's traceback is its own; a bad-input message goes to ``axlora train``, which prints it once for
 all ranks. accelerate's launcher would add a ChildFailedError traceback and torchrun log lines that tell
