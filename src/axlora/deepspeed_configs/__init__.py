@@ -1,1 +1,1 @@
-"""DeepSpeed ZeRO presets shipped with axlora (JSON), read by ``axlora.deepspeed_config``."""
+"""DeepSpeed ZeRO presets shipped with axlora (JSON), named in ``config.deepspeed_presets`` and read by ``train.deepspeed``."""

@@ -1,0 +1,178 @@
+"""The model keys: which base model and tokenizer load, which tokens are added, the attention kernel, and
+quantized (QLoRA) base weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from axlora.config.base import StrictModel, known_chat_template
+
+
+class ModelSettings(StrictModel):
+    base_model: str = Field(
+        description="Base model: a local directory, a Hugging Face model id, or a built-in demo model "
+        "(axlora:tiny-llama)."
+    )
+    tokenizer_config: str | None = Field(
+        default=None, description="Where to load the tokenizer from, when not from base_model."
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow model code from the model repo to run.")
+
+
+class SpecialTokens(StrictModel):
+    """``special_tokens:``: tokens to set (or add) as the tokenizer's special tokens, as in Axolotl."""
+
+    bos_token: str | None = Field(default=None, description="Beginning-of-sequence token.")
+    eos_token: str | None = Field(default=None, description="End-of-sequence token.")
+    pad_token: str | None = Field(default=None, description="Padding token.")
+    unk_token: str | None = Field(default=None, description="Unknown-word token.")
+    additional_special_tokens: list[str] | None = Field(
+        default=None, description="Extra special tokens (never split, skipped when decoding)."
+    )
+
+
+class TokenizerSettings(StrictModel):
+    """How the model and tokenizer classes are chosen and which tokens a run adds (Axolotl's model keys)."""
+
+    model_type: str | None = Field(
+        default=None,
+        description="Model class to load: AutoModelForCausalLM (default) or a transformers ...ForCausalLM class.",
+    )
+    tokenizer_type: str | None = Field(
+        default=None, description="Tokenizer class to load: AutoTokenizer (default) or a transformers class name."
+    )
+    tokenizer_use_fast: bool | None = Field(default=None, description="Load the fast (Rust) tokenizer.")
+    tokenizer_legacy: bool | None = Field(
+        default=None, description="The `legacy` flag of sentencepiece tokenizers (Llama 2, T5)."
+    )
+    revision_of_model: str | None = Field(
+        default=None, description="Hub revision (branch, tag or commit) of base_model to load."
+    )
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        default=None, description="Model config values to override when loading, e.g. {rope_scaling: {...}}."
+    )
+    special_tokens: SpecialTokens | None = Field(
+        default=None, description="Set special tokens (bos/eos/pad/unk); added to the vocabulary when new."
+    )
+    tokens: list[str] | None = Field(default=None, description="Extra tokens to add to the vocabulary.")
+    resize_token_embeddings_to_32x: bool = Field(
+        default=False, description="When tokens are added, round the embedding rows up to a multiple of 32."
+    )
+    mean_resizing_embeddings: bool = Field(
+        default=False, description="Initialise added token embeddings to the mean of the existing ones."
+    )
+    shrink_embeddings: bool = Field(
+        default=False, description="Shrink the embeddings to the tokenizer's length when it is smaller."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template for chat datasets: tokenizer_default, a named template (chatml, llama3, ...), "
+        "tokenizer_default_fallback_<name>, or jinja (with chat_template_jinja).",
+    )
+    chat_template_jinja: str | None = Field(
+        default=None, description="A Jinja chat template (or a .jinja file) set on the tokenizer and saved with it."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_top_level_template(cls, value: str | None) -> str | None:
+        return known_chat_template(value)
+
+    @field_validator("model_type")
+    @classmethod
+    def _causal_lm_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith("ForCausalLM"):
+            raise ValueError(
+                f"axlora trains causal language models: use AutoModelForCausalLM or a ...ForCausalLM class, "
+                f"not '{value}' (multimodal and other heads are not supported)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_chat_template(self) -> TokenizerSettings:
+        if self.chat_template == "jinja" and not self.chat_template_jinja:
+            raise ValueError("chat_template: jinja needs the template text in chat_template_jinja.")
+        if self.chat_template_jinja and self.chat_template not in (None, "jinja"):
+            raise ValueError(
+                f"chat_template / chat_template_jinja: chat_template_jinja is used only with chat_template: jinja "
+                f"(or unset), not '{self.chat_template}'."
+            )
+        return self
+
+
+ATTENTION_FLAGS = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "xformers_attention": "sdpa",
+    "flex_attention": "flex_attention",
+    "eager_attention": "eager",
+}
+"""Axolotl's boolean attention switches and the transformers implementation each selects.
+
+xformers is not a transformers backend; PyTorch's SDPA runs the same memory-efficient kernel."""
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class AttentionSettings(StrictModel):
+    """Which attention kernel the model runs: only speed and memory change, never what is trained."""
+
+    attn_implementation: str | None = Field(
+        default=None,
+        description="Attention kernel: eager, sdpa, flash_attention_2, flash_attention_3, flex_attention, or a "
+        "Hub kernel (kernels-community/...); default: transformers' choice (sdpa).",
+    )
+    flash_attention: bool = Field(default=False, description="Use flash-attn 2 (attn_implementation: flash_attention_2).")
+    sdp_attention: bool = Field(default=False, description="Use PyTorch scaled-dot-product attention (sdpa).")
+    xformers_attention: bool = Field(
+        default=False, description="Axolotl's xformers switch: runs sdpa, PyTorch's memory-efficient kernel."
+    )
+    flex_attention: bool = Field(default=False, description="Use PyTorch flex attention.")
+    eager_attention: bool = Field(default=False, description="Use the plain (eager) attention implementation.")
+
+    @model_validator(mode="after")
+    def _one_attention_choice(self) -> AttentionSettings:
+        chosen = [flag for flag in ATTENTION_FLAGS if getattr(self, flag)]
+        if self.attn_implementation is not None:
+            value = self.attn_implementation
+            if value not in ATTENTION_IMPLEMENTATIONS and "/" not in value:
+                raise ValueError(
+                    f"attn_implementation: '{value}' is not available in axlora; use one of "
+                    f"{', '.join(ATTENTION_IMPLEMENTATIONS)} or a Hub kernel (kernels-community/...)."
+                )
+            chosen.insert(0, "attn_implementation")
+        if len(chosen) > 1:
+            raise ValueError(f"{' / '.join(chosen)}: choose one attention implementation, not {len(chosen)}.")
+        return self
+
+    def attention_implementation(self) -> str | None:
+        """The transformers ``attn_implementation`` to load the model with (None: transformers' default)."""
+        if self.attn_implementation is not None:
+            return self.attn_implementation
+        for flag, implementation in ATTENTION_FLAGS.items():
+            if getattr(self, flag):
+                return implementation
+        return None
+
+
+class QuantizationSettings(StrictModel):
+    """Quantized base weights (QLoRA): the base model loads in 4 or 8 bits with bitsandbytes; LoRA trains on top."""
+
+    load_in_4bit: bool = Field(
+        default=False, description="Load the base model in 4-bit NF4 with double quantization (QLoRA); CUDA only."
+    )
+    load_in_8bit: bool = Field(default=False, description="Load the base model in 8-bit (LLM.int8); CUDA only.")
+    bnb_config_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Overrides of the bitsandbytes quantization config (BitsAndBytesConfig keys)."
+    )
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> QuantizationSettings:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit / load_in_8bit: choose one of them, not both.")
+        return self
+
+    # adapter: qlora implies a 4-bit base; that rule and quantization_bits() read the adapter key, so they live
+    # on Config.

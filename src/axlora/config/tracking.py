@@ -1,0 +1,59 @@
+"""The tracking keys: experiment trackers (Weights & Biases, MLflow) and publishing to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from axlora.config.base import StrictModel
+
+
+class LoggingSettings(StrictModel):
+    """Experiment trackers (Weights & Biases, MLflow): used only when asked for; axlora sends nothing itself."""
+
+    use_wandb: bool | None = Field(default=None, description="Log to Weights & Biases (default: when wandb_project is set).")
+    wandb_project: str | None = Field(default=None, description="W&B project; setting it turns W&B logging on.")
+    wandb_entity: str | None = Field(default=None, description="W&B team or user the run belongs to.")
+    wandb_name: str | None = Field(default=None, description="W&B run name.")
+    wandb_run_id: str | None = Field(default=None, description="W&B run id (a resumed run continues it).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="online, offline (sync later with `wandb sync`), or disabled."
+    )
+    wandb_watch: Literal["gradients", "parameters", "all"] | bool | None = Field(
+        default=None, description="Log histograms of the trainable weights' gradients (true), parameters or all."
+    )
+    wandb_log_model: Literal["end"] | bool | None = Field(
+        default=None, description="end (or true): upload the final adapter to W&B as a model artifact."
+    )
+    use_mlflow: bool | None = Field(
+        default=None, description="Log to MLflow (default: when mlflow_tracking_uri or mlflow_experiment_name is set)."
+    )
+    mlflow_tracking_uri: str | None = Field(default=None, description="MLflow tracking server URI (or a local path).")
+    mlflow_experiment_name: str | None = Field(default=None, description="MLflow experiment name.")
+    mlflow_run_name: str | None = Field(default=None, description="MLflow run name.")
+    hf_mlflow_log_artifacts: bool = Field(
+        default=False, description="Upload the final adapter to MLflow as run artifacts."
+    )
+
+    def wandb_enabled(self) -> bool:
+        if self.use_wandb is not None:
+            return self.use_wandb and self.wandb_mode != "disabled"
+        return bool(self.wandb_project) and self.wandb_mode != "disabled"
+
+    def mlflow_enabled(self) -> bool:
+        if self.use_mlflow is not None:
+            return self.use_mlflow
+        return bool(self.mlflow_tracking_uri or self.mlflow_experiment_name)
+
+
+class HubSettings(StrictModel):
+    """Publishing the trained adapter to the Hugging Face Hub at the end of a run."""
+
+    hub_model_id: str | None = Field(
+        default=None, description="Hub repo (user/name) that final/ is pushed to at the end; created private if new."
+    )
+    hub_strategy: Literal["end"] | None = Field(
+        default=None, description="When to push: end (the final adapter, once training is complete)."
+    )
+    hub_revision: str | None = Field(default=None, description="Branch to push to (default: main).")
