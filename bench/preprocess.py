@@ -79,7 +79,7 @@ def main() -> None:
     from axlora.config.schema import Config
     from axlora.data.prepare import prepare_data
     from axlora.model.builtin import train_tiny_tokenizer
-    from axlora.model.load import load_tokenizer, tokenizer_fingerprint
+    from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.workdir / "alpaca.jsonl"

@@ -9,7 +9,8 @@ import torch
 
 from axlora.config.load import load_config
 from axlora.core.errors import ConfigError, UserError
-from axlora.model.load import load_base_model, load_tokenizer, model_load_kwargs, tokenizer_fingerprint
+from axlora.model.load import load_base_model, model_load_kwargs
+from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 from conftest import run_cli
 

@@ -202,10 +202,11 @@ def test_loaded_base_is_checked_when_its_files_could_not_tell(tmp_path, peft_ada
 
     from axlora.config.load import load_config
     from axlora.core.errors import UserError
-    from axlora.model.adapter import AdapterChoice, attach_adapter, read_adapter_config
+    from axlora.model.adapter import attach_adapter
+    from axlora.model.adapter_choice import AdapterChoice, read_lora_config
 
     config = load_config(write_config(tmp_path, other_shape_model, alpaca_file, lora_target_linear=True))
-    plan = AdapterChoice("continue", "test", peft_adapter, read_adapter_config(peft_adapter))
+    plan = AdapterChoice("continue", "test", peft_adapter, read_lora_config(peft_adapter))
     model = AutoModelForCausalLM.from_pretrained(other_shape_model)
     with pytest.raises(UserError, match=r"q_proj: the adapter needs a \[32, 32\] weight, base_model has \[48, 48\]"):
         attach_adapter(model, config, plan, log=lambda *_: None)

@@ -19,7 +19,7 @@ def test_preprocess_reports_and_a_second_run_hits_the_cache_rewriting_nothing(ma
     """The first preparation runs in-process (the same code the command calls), the second through the CLI."""
     from axlora.config.load import load_config
     from axlora.data.prepare import prepare_data
-    from axlora.model.load import load_tokenizer, tokenizer_fingerprint
+    from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     path = make_config(val_set_size=8, sample_packing=True, sequence_len=128)
     config = load_config(path)

@@ -15,7 +15,7 @@ from axlora.data.formats import build_formats
 from axlora.data.prepare import prepare_data
 from axlora.data.rows import TokenizedRows
 from axlora.data.tokenize import encode_rows
-from axlora.model.load import tokenizer_fingerprint
+from axlora.model.tokenizer import tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")

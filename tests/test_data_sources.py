@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from axlora.config.schema import DatasetConfig
+from axlora.config.datasets import DatasetConfig
 from axlora.core.errors import UserError
 from axlora.data.sources import load_source, split_range
 

@@ -145,6 +145,7 @@ def test_axolotl_fsdp1_and_fsdp2_configs_map_onto_fully_shard():
     assert fsdp2.load_on_main_only is True and not fsdp2.notes
     assert fsdp_settings(_config()) is None
     assert _config(fsdp_config={"activation_checkpointing": True}).gradient_checkpointing is True
+    assert _config(fsdp_config={"fsdp_activation_checkpointing": True}).gradient_checkpointing is True
     plan = describe_plan(_config(fsdp="shard_grad_op", fsdp_config={"fsdp_sync_module_states": True}))
     assert "FSDP2 SHARD_GRAD_OP per decoder layer" in plan and "note: fsdp_config: sync_module_states" in plan
     with pytest.raises(ValueError, match="same setting"):

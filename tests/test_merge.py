@@ -16,8 +16,8 @@ from axlora.core.errors import UserError
 from axlora.core.names import MERGE_MARKER
 from axlora.merge import MergeVerificationError, merge_lora
 from axlora.merge import ops as merge_ops
-from axlora.merge.plan import _with_vocab_size
 from axlora.merge.safetensors_io import ShardWriter
+from axlora.merge.tensor_map import _with_vocab_size
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 17, 99, 200, 3, 64, 128, 255, 7]])

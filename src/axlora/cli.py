@@ -53,7 +53,7 @@ def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.data.prepare import check_datasets, prepare_data
 
     check_datasets(config)  # a missing or unreadable data file fails before the tokenizer loads
-    from axlora.model.load import load_tokenizer, tokenizer_fingerprint
+    from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(config)
     prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer))

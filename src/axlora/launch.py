@@ -71,7 +71,7 @@ def process_layout(config: Config) -> ProcessLayout:
             f"machine_rank: {config.machine_rank} is out of range for num_machines {config.num_machines} "
             f"(ranks are 0..{config.num_machines - 1})."
         )
-    plan = ProcessLayout(
+    layout = ProcessLayout(
         num_processes=num_processes,
         num_machines=config.num_machines,
         machine_rank=config.machine_rank,
@@ -82,30 +82,30 @@ def process_layout(config: Config) -> ProcessLayout:
         fsdp=config.uses_fsdp(),
     )
     if config.deepspeed:
-        plan = replace(plan, zero_stage=_check_deepspeed(config, plan))
-    if plan.fsdp:
-        _check_fsdp(config, plan)
-    return plan
+        layout = replace(layout, zero_stage=_check_deepspeed(config, layout))
+    if layout.fsdp:
+        _check_fsdp(config, layout)
+    return layout
 
 
-def _check_fsdp(config: Config, plan: ProcessLayout) -> None:
+def _check_fsdp(config: Config, layout: ProcessLayout) -> None:
     """What the config alone cannot tell about ``fsdp``: whether this machine can do it."""
     from axlora.config.fsdp import fsdp_settings
 
     settings = fsdp_settings(config)
-    if settings and settings.offload_params and not plan.use_gpus:
+    if settings and settings.offload_params and not layout.use_gpus:
         raise UserError("fsdp_config.offload_params: offloading the sharded weights to the CPU only means something "
                         "with GPUs; on this CPU-only machine turn it off.")
 
 
-def _check_deepspeed(config: Config, plan: ProcessLayout) -> int:
+def _check_deepspeed(config: Config, layout: ProcessLayout) -> int:
     """Everything about the ``deepspeed`` key that can fail, checked before a worker starts; the ZeRO stage."""
     from axlora.train.deepspeed import load_deepspeed_setup, require_deepspeed
     from axlora.train.precision import choose_precision
 
     require_deepspeed()
-    setup = load_deepspeed_setup(config, plan.world_size, choose_precision(config).name)
-    if setup.offloads_optimizer and not plan.use_gpus:
+    setup = load_deepspeed_setup(config, layout.world_size, choose_precision(config).name)
+    if setup.offloads_optimizer and not layout.use_gpus:
         raise UserError(f"deepspeed: {setup.source} offloads the optimizer to the CPU, which only means something "
                         "with GPUs; on this CPU-only machine use zero2 or zero3.")
     if setup.stage == 3 and config.chunked_cross_entropy:
@@ -114,30 +114,30 @@ def _check_deepspeed(config: Config, plan: ProcessLayout) -> int:
     return setup.stage
 
 
-def accelerate_arguments(plan: ProcessLayout, config_path: Path, overrides: list[str]) -> list[str]:
+def accelerate_arguments(layout: ProcessLayout, config_path: Path, overrides: list[str]) -> list[str]:
     """``accelerate launch`` arguments re-running this same ``axlora train`` in every worker.
 
     ``--multi_gpu`` also drives several CPU processes (accelerate then uses gloo); ``--cpu`` would start
     only one.
     """
     command = [
-        "--num_processes", str(plan.world_size),
-        "--num_machines", str(plan.num_machines),
-        "--machine_rank", str(plan.machine_rank),
-        "--main_process_port", str(plan.main_process_port),
+        "--num_processes", str(layout.world_size),
+        "--num_machines", str(layout.num_machines),
+        "--machine_rank", str(layout.machine_rank),
+        "--main_process_port", str(layout.main_process_port),
         "--mixed_precision", "no",  # the run chooses its precision itself (bf16/fp16 keys)
         "--dynamo_backend", "no",
         "--multi_gpu",
     ]
-    if plan.main_process_ip:
-        command += ["--main_process_ip", plan.main_process_ip]
+    if layout.main_process_ip:
+        command += ["--main_process_ip", layout.main_process_ip]
     return [*command, "-m", "axlora", "train", str(config_path), *overrides]
 
 
 def train(config: Config, config_path: Path, overrides: list[str], log=print) -> int:
     """Train in-process, or prepare the data once and launch the workers; returns the exit status."""
     if under_launcher():
-        from axlora.train.loop import run_training
+        from axlora.train.recipe import run_training
 
         try:
             run_training(config)
@@ -146,21 +146,21 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
                 return exc.exit_code  # the launcher prints it, once for all ranks
             raise
         return 0
-    plan = process_layout(config)
-    if plan.world_size == 1:
-        from axlora.train.loop import run_training
+    layout = process_layout(config)
+    if layout.world_size == 1:
+        from axlora.train.recipe import run_training
 
-        if plan.needs_process_group:
-            _become_single_worker(plan)
+        if layout.needs_process_group:
+            _become_single_worker(layout)
         run_training(config)
         return 0
-    if plan.machine_rank == 0:
+    if layout.machine_rank == 0:
         prepared = prepare_once(config, log)
-        check_resume(config, plan, prepared.fingerprint)
-    arguments = accelerate_arguments(plan, config_path, overrides)
+        check_resume(config, layout, prepared.fingerprint)
+    arguments = accelerate_arguments(layout, config_path, overrides)
     # printed as the plain accelerate command (rerunnable by hand); run through axlora.launch_workers, which is
     # the same launch without accelerate's own traceback when a worker fails
-    log(f"launch: {plan.world_size} processes ({plan.num_processes} x {plan.num_machines} machine(s)): "
+    log(f"launch: {layout.world_size} processes ({layout.num_processes} x {layout.num_machines} machine(s)): "
         + shlex.join([sys.executable, "-m", "accelerate.commands.launch", *arguments]))
     command = [sys.executable, "-m", "axlora.launch_workers", *arguments]
     with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
@@ -183,28 +183,28 @@ def _leave_status(exit_code: int, message: str) -> bool:
     return True
 
 
-def _become_single_worker(plan: ProcessLayout) -> None:
+def _become_single_worker(layout: ProcessLayout) -> None:
     """DeepSpeed and FSDP need a process group even for one process: this process becomes a world of one."""
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(plan.main_process_port))
+    os.environ.setdefault("MASTER_PORT", str(layout.main_process_port))
 
 
 def prepare_once(config: Config, log=print):
     """Tokenize and cache the datasets here, so the workers only read the cache."""
     from axlora.data.prepare import prepare_data
-    from axlora.model.load import load_tokenizer, tokenizer_fingerprint
+    from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(config)
     return prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), log)
 
 
-def check_resume(config: Config, plan: ProcessLayout, data_fingerprint: str) -> None:
+def check_resume(config: Config, layout: ProcessLayout, data_fingerprint: str) -> None:
     """A resume the workers would refuse (changed data, batch, process count, ZeRO stage) fails here, first."""
     from axlora.train import checkpoint as ckpt
 
     resume_from = ckpt.resolve_resume(config, lambda *_: None)
     if resume_from is None:
         return
-    ckpt.read_checkpoint_state(resume_from, ckpt.ResumeKey.for_run(config, data_fingerprint, plan.world_size,
-                                                                   plan.zero_stage))
+    ckpt.read_checkpoint_state(resume_from, ckpt.ResumeKey.for_run(config, data_fingerprint, layout.world_size,
+                                                                   layout.zero_stage))

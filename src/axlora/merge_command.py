@@ -11,8 +11,9 @@ from pathlib import Path
 
 from axlora.config.schema import Config
 from axlora.core.errors import RunFailed, UserError
-from axlora.model.adapter import find_adapter, is_adapter_dir
-from axlora.model.load import resolve_base_model
+from axlora.core.layout import is_adapter_dir
+from axlora.model.adapter_choice import find_adapter
+from axlora.model.source import resolve_base_model
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 

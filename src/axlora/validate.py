@@ -6,11 +6,12 @@ import json
 import math
 from pathlib import Path
 
+from axlora.config.datasets import DatasetConfig
 from axlora.config.fsdp import fsdp_settings
-from axlora.config.schema import Config, DatasetConfig
+from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.core.names import is_builtin_model
-from axlora.model.adapter import resolve_adapter
+from axlora.model.adapter_choice import resolve_adapter
 
 
 def count_local_rows(dataset: DatasetConfig) -> int | None:

@@ -1,6 +1,6 @@
 """Axolotl's config keys that are not axlora settings: renamed, accepted with no effect, or rejected.
 
-Every key of the schema (``config/schema.py``) is supported with Axolotl's meaning. This module covers
+Every key of the schema (``config/schema.py`` and its sections) is supported with Axolotl's meaning. This module covers
 the rest of Axolotl's documented options, so an Axolotl YAML either runs or gets one line per key saying
 why not, instead of Axolotl's habit of dropping what it does not know:
 

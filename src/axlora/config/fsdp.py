@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from axlora.config.schema import FSDP1_ONLY, Config, FsdpConfig
+from axlora.config.hardware import FSDP1_ONLY, FsdpConfig
+from axlora.config.schema import Config
 
 
 @dataclass(frozen=True)

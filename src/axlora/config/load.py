@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from axlora.config import axolotl
 from axlora.config.chat_templates import looks_like_template_file
-from axlora.config.schema import Config, DatasetConfig
+from axlora.config.datasets import DatasetConfig
+from axlora.config.schema import Config
 from axlora.core.errors import ConfigError, UserError
 from axlora.core.suggest import did_you_mean
 

@@ -19,34 +19,22 @@ from pydantic import ConfigDict, model_validator
 
 from axlora.config.adapter_keys import AdapterSettings, PeftSettings
 from axlora.config.axolotl import noop_schema_properties
-from axlora.config.datasets import DATASET_TYPES, DatasetConfig, DataSettings, DatasetType
-from axlora.config.hardware import FSDP1_ONLY, FSDP_OPTIONS, FsdpConfig, HardwareSettings
+from axlora.config.datasets import DataSettings
+from axlora.config.hardware import HardwareSettings
 from axlora.config.model_keys import (
-    ATTENTION_FLAGS,
-    ATTENTION_IMPLEMENTATIONS,
     AttentionSettings,
     ModelSettings,
     QuantizationSettings,
-    SpecialTokens,
     TokenizerSettings,
 )
 from axlora.config.tracking import HubSettings, LoggingSettings
 from axlora.config.training_keys import (
     BatchingSettings,
-    BoolOrAuto,
     EvalSaveSettings,
     MemorySettings,
     OutputSettings,
     TrainingSettings,
 )
-
-__all__ = [
-    "ATTENTION_FLAGS", "ATTENTION_IMPLEMENTATIONS", "DATASET_TYPES", "FSDP1_ONLY", "FSDP_OPTIONS", "AdapterSettings",
-    "AttentionSettings", "BatchingSettings", "BoolOrAuto", "Config", "DataSettings", "DatasetConfig", "DatasetType",
-    "EvalSaveSettings", "FsdpConfig", "HardwareSettings", "HubSettings", "LoggingSettings", "MemorySettings",
-    "ModelSettings", "OutputSettings", "PeftSettings", "QuantizationSettings", "SpecialTokens", "TokenizerSettings",
-    "TrainingSettings", "json_schema",
-]
 
 
 class Config(
@@ -79,9 +67,13 @@ class Config(
     @model_validator(mode="before")
     @classmethod
     def _read_fsdp_activation_checkpointing(cls, data: Any) -> Any:
-        """``fsdp_config.activation_checkpointing`` is FSDP's name for ``gradient_checkpointing``."""
+        """``fsdp_config.activation_checkpointing`` (FSDP1: ``fsdp_activation_checkpointing``) is FSDP's name for
+        ``gradient_checkpointing``."""
         fsdp_config = data.get("fsdp_config") if isinstance(data, dict) else None
-        if isinstance(fsdp_config, dict) and fsdp_config.get("activation_checkpointing") is True:
+        if isinstance(fsdp_config, dict) and any(
+            str(key).removeprefix("fsdp_") == "activation_checkpointing" and value is True
+            for key, value in fsdp_config.items()
+        ):
             return {**data, "gradient_checkpointing": True}
         return data
 

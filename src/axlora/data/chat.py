@@ -26,8 +26,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from axlora.data.chat_templates import ChatTemplate
 from axlora.data.segments import PromptEntry, RawRecord, RowFormat, RowFormatError, Segment
+from axlora.data.template_choice import ChatTemplate
 
 DEFAULT_ROLES: dict[str, list[str]] = {
     "user": ["human", "user"],

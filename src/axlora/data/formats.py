@@ -20,11 +20,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from axlora.config.chat_templates import read_jinja_setting
-from axlora.config.schema import Config, DatasetConfig
+from axlora.config.datasets import DatasetConfig
+from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data.chat import DEFAULT_ROLES, chat_format
-from axlora.data.chat_templates import TemplateChoiceError, choose_template
 from axlora.data.segments import PromptEntry, RawRecord, RowFormat, RowFormatError, Segment, required_text
+from axlora.data.template_choice import TemplateChoiceError, choose_template
 
 __all__ = ["FORMATS", "RowFormatError", "Segment", "alpaca", "alpaca_prompt", "build_format", "build_formats"]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axlora.config.schema import DatasetConfig
+from axlora.config.datasets import DatasetConfig
 from axlora.core.errors import UserError
 
 SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}

@@ -5,6 +5,6 @@ the LoRA delta in fp32, checks each merged weight against base + adapter on rand
 result atomically (a temporary sibling directory renamed into place).
 """
 
-from .core import MergeReport, MergeVerificationError, merge_lora
+from axlora.merge.core import MergeReport, MergeVerificationError, merge_lora
 
 __all__ = ["MergeReport", "MergeVerificationError", "merge_lora"]

@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 
+from axlora import __version__
 from axlora.core.errors import UserError
 from axlora.core.names import MERGE_MARKER
-
-from .. import __version__
-from . import ops
-from .adapter import Adapter, LoraModule, load_adapter
-from .base import BaseModel, load_base, resolve_base_dir
-from .output import (
+from axlora.merge import ops
+from axlora.merge.base import BaseModel, load_base, resolve_base_dir
+from axlora.merge.lora_weights import Adapter, LoraModule, load_adapter
+from axlora.merge.output import (
     check_output_dir,
     copy_synced,
     publish,
@@ -29,8 +28,8 @@ from .output import (
     tokenizer_length,
     write_json,
 )
-from .plan import MergePlan, OutputTensor, build_plan, parse_dtype
-from .safetensors_io import CODE_TO_TORCH, ShardWriter, TensorReader, plan_shards
+from axlora.merge.safetensors_io import CODE_TO_TORCH, ShardWriter, TensorReader, plan_shards
+from axlora.merge.tensor_map import OutputTensor, OutputTensors, map_output_tensors, parse_dtype
 
 Log = Callable[[str], None]
 # Embedding rows may be the tokenizer's length rounded up to one of these (resize_token_embeddings_to_32x, ...).
@@ -141,23 +140,23 @@ def merge_lora(
     check_output_dir(output_dir, inputs)  # refuse before minutes of work, and again at publish
     base = load_base(base_dir)
     adapter = load_adapter(adapter_dir)
-    plan = build_plan(base, adapter, out_dtype)
+    outputs = map_output_tensors(base, adapter, out_dtype)
     tokenizer_sources = _tokenizer_sources(tokenizer_dir, base_dir)
-    if plan.vocab_size is not None:
-        _check_tokenizer_fits(plan.vocab_size, tokenizer_sources, adapter)
-    log(f"merging {adapter_dir} into {base_dir}: {plan.merged_modules} LoRA modules, {plan.replaced} replaced "
-        f"tensors, output {_dtype_name(plan.output_dtype)}"
-        + (" (lm_head untied from the embedding)" if plan.untied else "")
-        + (f" (vocabulary resized to {plan.vocab_size})" if plan.vocab_size is not None else ""))
+    if outputs.vocab_size is not None:
+        _check_tokenizer_fits(outputs.vocab_size, tokenizer_sources, adapter)
+    log(f"merging {adapter_dir} into {base_dir}: {outputs.merged_modules} LoRA modules, {outputs.replaced} replaced "
+        f"tensors, output {_dtype_name(outputs.output_dtype)}"
+        + (" (lm_head untied from the embedding)" if outputs.untied else "")
+        + (f" (vocabulary resized to {outputs.vocab_size})" if outputs.vocab_size is not None else ""))
     verifier = _Verifier(verify, tolerance)
     with staging_dir(output_dir) as tmp:
-        total_size, shard_count = _write_weights(plan, adapter, tmp, verifier, max_shard_size, log)
-        _write_side_files(plan, base, tmp, tokenizer_sources)
+        total_size, shard_count = _write_weights(outputs, adapter, tmp, verifier, max_shard_size, log)
+        _write_side_files(outputs, base, tmp, tokenizer_sources)
         report = MergeReport(
-            output_dir=output_dir, merged_modules=plan.merged_modules,
+            output_dir=output_dir, merged_modules=outputs.merged_modules,
             max_verify_error=verifier.worst_out if verify else None, total_size=total_size,
-            seconds=0.0, replaced_tensors=plan.replaced, max_abs_error=verifier.worst_abs if verify else None,
-            dtype=_dtype_name(plan.output_dtype), shards=shard_count)
+            seconds=0.0, replaced_tensors=outputs.replaced, max_abs_error=verifier.worst_abs if verify else None,
+            dtype=_dtype_name(outputs.output_dtype), shards=shard_count)
         write_json(tmp / MERGE_MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
         publish(tmp, output_dir, inputs)
     seconds = time.monotonic() - started
@@ -207,11 +206,11 @@ def _check_tokenizer_fits(rows: int, tokenizer_sources: list[Path], adapter: Ada
         "trained this adapter (its tokenizer files saved next to the adapter)")
 
 
-def _write_weights(plan: MergePlan, adapter: Adapter, tmp: Path, verifier: _Verifier, max_shard_size: int,
+def _write_weights(outputs: OutputTensors, adapter: Adapter, tmp: Path, verifier: _Verifier, max_shard_size: int,
                    log: Log) -> tuple[int, int]:
     """Write all output shards and the index; returns (total bytes of tensors, shard count)."""
-    groups = plan_shards([t.planned for t in plan.tensors], max_shard_size)
-    by_name = {t.name: t for t in plan.tensors}
+    groups = plan_shards([t.planned for t in outputs.tensors], max_shard_size)
+    by_name = {t.name: t for t in outputs.tensors}
     total = sum(t.nbytes for g in groups for t in g)
     weight_map: dict[str, str] = {}
     with TensorReader(adapter.weights) as adapter_reader:
@@ -322,10 +321,10 @@ def _require_finite(entry: OutputTensor, tensor: torch.Tensor) -> None:
             "range for this dtype); nothing was written")
 
 
-def _write_side_files(plan: MergePlan, base: BaseModel, tmp: Path, tokenizer_sources: list[Path]) -> None:
+def _write_side_files(outputs: OutputTensors, base: BaseModel, tmp: Path, tokenizer_sources: list[Path]) -> None:
     """config.json (with the output dtype), generation config, remote code, tokenizer files."""
-    config = dict(plan.config)
-    dtype_name = _dtype_name(plan.output_dtype)
+    config = dict(outputs.config)
+    dtype_name = _dtype_name(outputs.output_dtype)
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name

@@ -21,7 +21,8 @@ from axlora.config.schema import Config
 from axlora.core.atomic import atomic_directory
 from axlora.core.errors import UserError
 from axlora.core.layout import CHECKPOINT_STATE, RunLayout
-from axlora.core.names import ADAPTER_CONFIG, RESOLVED_CONFIG
+from axlora.core.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG
+from axlora.train.parallel import check_complete
 
 BEST_ADAPTER = "best_adapter.safetensors"
 
@@ -117,6 +118,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_adapter(peft_model, directory: Path) -> None:
+    """``save_pretrained``, after checking that no tensor is empty (a ZeRO-3 slice read without gathering)."""
+    from peft import get_peft_model_state_dict
+
+    check_complete(get_peft_model_state_dict(peft_model), str(directory))
+    peft_model.save_pretrained(directory)
 
 
 def save_checkpoint(
@@ -301,6 +310,23 @@ def remove_unfinished_saves(output_dir: Path) -> None:
         for child in root.iterdir():
             if child.name.startswith(".step-") and (".tmp-" in child.name or ".old-" in child.name):
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def load_adapter_weights(peft_model, checkpoint_dir: Path) -> None:
+    """The checkpoint's adapter weights into this run's LoRA (refused if it holds weights the LoRA lacks)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint_dir / ADAPTER_WEIGHTS))
+    # after a vocabulary resize peft also saves each trained embedding as `<module>.modules_to_save.weight`, a
+    # copy of `<module>.weight` that its own loader does not read back; the canonical key carries the weights
+    weights = {name: tensor for name, tensor in weights.items()
+               if not (".modules_to_save." in name and name.replace(".modules_to_save.", ".") in weights)}
+    result = set_peft_model_state_dict(peft_model, weights)
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise UserError(f"resume_from_checkpoint: {checkpoint_dir} holds adapter weights this run's LoRA "
+                        f"lacks ({unexpected[:3]}); was it written with other adapter settings?")
 
 
 def load_training_state(path: Path, parallel, scheduler) -> None:

@@ -17,7 +17,7 @@ def sample_prompt_texts(config: Config, tokenizer=None) -> list[str]:
     if not config.sample_prompts:
         return []
     if tokenizer is None and needs_tokenizer(config):
-        from axlora.model.load import load_tokenizer
+        from axlora.model.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config, log=lambda *_: None)
     fmt = build_format(config, 0, tokenizer)

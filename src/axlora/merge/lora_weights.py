@@ -1,4 +1,4 @@
-"""Reading a peft LoRA adapter as saved by ``PeftModel.save_pretrained`` (peft 0.21 key layout).
+"""The parsed adapter file: a peft LoRA adapter as ``PeftModel.save_pretrained`` saves it (peft 0.21 key layout).
 
 peft strips the adapter name when saving, so a LoRA on ``model.layers.0.self_attn.q_proj`` is stored as
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` / ``...lora_B.weight``. Other keys it writes:
@@ -19,18 +19,17 @@ interpretation here; ``rank_pattern``/``alpha_pattern`` are matched exactly like
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from axlora.core.adapter_config import read_adapter_config
 from axlora.core.errors import UserError
 from axlora.core.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from axlora.core.safetensors_header import TensorInfo, read_header
-
-from .safetensors_io import same_bytes
+from axlora.merge.safetensors_io import same_bytes
 
 # Features whose merge is not "W + scale * B @ A" (or needs state the adapter file lacks): refuse, never guess.
 _UNSUPPORTED_FIELDS = {
@@ -112,18 +111,10 @@ def load_adapter(directory: Path) -> Adapter:
 
 
 def _read_adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / ADAPTER_CONFIG
+    """The adapter's config (shared reader), after a clearer message for a directory that is not there."""
     if not directory.is_dir():
         raise UserError(f"{directory}: adapter directory not found (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"{path}: missing; expected a peft LoRA adapter directory") from e
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return config
+    return read_adapter_config(directory)
 
 
 def _refuse_unsupported(directory: Path, config: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Deciding, before anything is written, what every output tensor is and where it comes from.
+"""The merged model's tensor map: what every output tensor is and where it comes from, before anything is written.
 
 All adapter/base mismatches (unknown keys, wrong shapes, missing biases) are found here, from headers alone,
 so a bad adapter fails in a second instead of after minutes of writing.
@@ -17,10 +17,9 @@ import torch
 
 from axlora.core.errors import UserError
 from axlora.core.safetensors_header import TensorInfo
-
-from .adapter import Adapter, LoraModule
-from .base import BaseModel
-from .safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor
+from axlora.merge.base import BaseModel
+from axlora.merge.lora_weights import Adapter, LoraModule
+from axlora.merge.safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -61,7 +60,9 @@ class OutputTensor:
 
 
 @dataclass
-class MergePlan:
+class OutputTensors:
+    """Every tensor of the merged model, in base-shard order, and the config.json that describes them."""
+
     tensors: list[OutputTensor]
     config: dict[str, Any]
     untied: bool  # lm_head was tied to the embedding in the base and is written separately now
@@ -94,7 +95,7 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
     return OUTPUT_DTYPES[dtype]
 
 
-def build_plan(base: BaseModel, adapter: Adapter, dtype: torch.dtype | None) -> MergePlan:
+def map_output_tensors(base: BaseModel, adapter: Adapter, dtype: torch.dtype | None) -> OutputTensors:
     """Attach every adapter tensor to its base tensor, checking names and shapes; nothing is read yet."""
     config = dict(base.config)
     sources = dict(base.tensors)
@@ -122,7 +123,7 @@ def build_plan(base: BaseModel, adapter: Adapter, dtype: torch.dtype | None) -> 
     for entry in entries.values():
         if entry.dtype not in ITEM_SIZE:
             raise UserError(f"{entry.source.path}: tensor {entry.name!r} has unknown dtype {entry.dtype}")
-    return MergePlan(list(entries.values()), config, untied, vocab_size)
+    return OutputTensors(list(entries.values()), config, untied, vocab_size)
 
 
 def _input_embedding(base: BaseModel) -> str | None:

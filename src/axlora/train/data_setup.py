@@ -1,0 +1,68 @@
+"""The rows a run trains and evaluates on: tokenizer, prepared data, and the layout the step loop consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from axlora.config.schema import Config
+from axlora.core.errors import UserError
+from axlora.data.collate import PackedCollator, PaddedCollator
+from axlora.data.pack import pack_examples
+from axlora.data.prepare import PreparedData, prepare_data
+from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from axlora.train.runtime import Runtime
+
+_NEEDS_VALIDATION = ("eval_on_start", "early_stopping_patience")
+
+
+def check_eval_settings(config: Config) -> None:
+    """Evaluation features need a validation split, and early stopping needs evaluations to count."""
+    for key in _NEEDS_VALIDATION:
+        if getattr(config, key) and not config.val_set_size:
+            raise UserError(f"{key}: needs validation rows to evaluate; set val_set_size (e.g. 0.05).")
+    if config.early_stopping_patience and config.eval_steps is None:
+        raise UserError("early_stopping_patience: needs eval_steps (evaluate every N steps) so that "
+                        "evaluations without improvement can be counted.")
+
+
+def prepare_rows(config: Config, runtime: Runtime) -> tuple[Any, PreparedData]:
+    """The tokenizer and the tokenized rows; one rank prepares, the others then read its cache."""
+    tokenizer = load_tokenizer(config, log=runtime.say)
+    with runtime.accelerator.main_process_first():
+        prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), runtime.say)
+    for key in _NEEDS_VALIDATION:
+        if getattr(config, key) and not prepared.val:
+            raise UserError(f"{key}: val_set_size {config.val_set_size:g} leaves no validation rows; "
+                            "raise it (a fraction, or a row count >= 1).")
+    return tokenizer, prepared
+
+
+@dataclass
+class TrainingData:
+    """Rows as the step loop and the evaluation read them, each with the collator that batches them."""
+
+    tokenizer: Any
+    prepared: PreparedData
+    train_rows: Any  # packed rows with ``sample_packing``, else the prepared samples
+    collate: PaddedCollator | PackedCollator
+    val_rows: Any
+    val_collate: PaddedCollator
+
+
+def lay_out_rows(config: Config, tokenizer, prepared: PreparedData, say) -> TrainingData:
+    """Training rows packed when ``sample_packing``, else the samples as prepared.
+
+    Validation rows stay unpacked: eval loss is then comparable across packing settings.
+    """
+    pad = tokenizer.pad_token_id
+    val_collate = PaddedCollator(pad_token_id=pad)
+    if not config.sample_packing:
+        collate = PaddedCollator(pad_token_id=pad, **config.padding())
+        return TrainingData(tokenizer, prepared, prepared.train, collate, prepared.val, val_collate)
+    rows = pack_examples(prepared.train, config.sequence_len)
+    real = sum(len(r["input_ids"]) for r in rows)
+    say(f"packing: {len(prepared.train)} samples -> {len(rows)} rows of {config.sequence_len} "
+        f"({100 * real / (len(rows) * config.sequence_len):.1f}% full)")
+    collate = PackedCollator(pad_token_id=pad, **config.padding())
+    return TrainingData(tokenizer, prepared, rows, collate, prepared.val, val_collate)

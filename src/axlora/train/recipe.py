@@ -1,0 +1,272 @@
+"""The training run as a recipe: ``setup`` -> ``train`` -> ``finish``, readable top to bottom.
+
+A small loop on accelerate rather than transformers' Trainer, because the properties users depend on
+need control of each step: the loss of an optimizer step is the sum of token losses over all its micro
+batches (and processes) divided by the step's global label-token count, so micro batch size, gradient
+accumulation, packing and process count do not change what is optimized; the data position is a pure
+function of the step, so a resumed run is bitwise the uninterrupted one; and every directory a later run
+trusts is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from axlora.config.schema import Config
+from axlora.core.layout import RunLayout
+from axlora.model.adapter_choice import AdapterChoice, resolve_adapter
+from axlora.model.machine import require_machine_support
+from axlora.train import checkpoint as ckpt
+from axlora.train.completions import generate_completions, sample_prompt_texts
+from axlora.train.data_order import DataOrder
+from axlora.train.data_setup import TrainingData, check_eval_settings, lay_out_rows, prepare_rows
+from axlora.train.early_stopping import EarlyStopping
+from axlora.train.final import build_summary, print_samples, write_final
+from axlora.train.intervals import evaluates_at, saves_at
+from axlora.train.length_groups import build_data_order
+from axlora.train.metrics import MetricsLog
+from axlora.train.model_setup import choose_loss, config_as_trained, load_model, parameters_line
+from axlora.train.optim import build_lr_scheduler, build_optimizer
+from axlora.train.parallel import DataParallel
+from axlora.train.progress import Progress
+from axlora.train.resume import Resume, decide_resume, load_checkpoint_adapter, restore_training_state
+from axlora.train.runtime import Runtime, start_runtime
+from axlora.train.step import StepResult, evaluate, train_step
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_training(config: Config, log=print) -> RunResult:
+    """Train the LoRA the config describes and write ``output_dir`` (see the design's Outputs)."""
+    run = TrainingRun(config, log)
+    run.setup()
+    run.train()
+    return run.finish()
+
+
+@dataclass
+class Counters:
+    """What the steps so far add up to: saved in every checkpoint, restored on resume, summed up at the end."""
+
+    start_step: int = 0
+    step: int = 0  # optimizer steps done
+    totals: dict[str, Any] = field(default_factory=lambda: {"tokens": 0, "label_tokens": 0, "train_seconds": 0.0})
+    last: dict[str, Any] = field(default_factory=dict)  # the latest step's metrics
+    eval_loss: float | None = None
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> Counters:
+        counters = cls(start_step=state["step"], step=state["step"], eval_loss=state.get("last_eval_loss"))
+        counters.totals = state.get("totals", counters.totals)
+        return counters
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        self.totals["tokens"] += result.tokens
+        self.totals["label_tokens"] += result.label_tokens
+        self.totals["train_seconds"] += seconds
+        self.step += 1
+
+
+class TrainingRun:
+    """One run's shared state: ``setup`` builds it in the order below, ``train`` advances it, ``finish`` saves."""
+
+    runtime: Runtime
+    adapter: AdapterChoice
+    resume: Resume
+    data: TrainingData
+    model: Any  # the peft model; wrapped for DDP / ZeRO (or sharded under FSDP) once setup is done
+    loss_mode: Callable[[], contextlib.AbstractContextManager]
+    config_as_trained: Config
+    order: DataOrder
+    total_steps: int
+    scheduler: Any
+    parallel: DataParallel
+    prompts: list[str]
+    samples_before: list[str]
+    metrics: MetricsLog
+    progress: Progress
+
+    def __init__(self, config: Config, log=print):
+        self.config = config
+        self.log = log
+        self.started = time.perf_counter()
+        self.layout = RunLayout(Path(config.output_dir))
+        self.early = EarlyStopping(config.early_stopping_patience)
+        self.counters = Counters()
+
+    @property
+    def say(self) -> Callable[[str], None]:
+        return self.runtime.say
+
+    @property
+    def unwrapped(self):
+        """The peft model itself (for saving, generating and reading weights), whatever wraps it."""
+        return self.runtime.accelerator.unwrap_model(self.model)
+
+    # ---- setup --------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything before the first step; what can fail fast is checked before anything slow loads."""
+        config = self.config
+        # decided from the config and the disk alone, before torch loads: a bad lora_model_dir fails in a second
+        check_eval_settings(config)
+        self.adapter = resolve_adapter(config)
+        require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
+        self.runtime = start_runtime(config, self.log)
+        checkpoint = ckpt.resolve_resume(config, self.say)
+        tokenizer, prepared = prepare_rows(config, self.runtime)
+        self.resume = decide_resume(config, self.runtime, checkpoint, prepared.fingerprint)
+        self.data = lay_out_rows(config, tokenizer, prepared, self.say)
+        self._setup_model()
+        optimizer = self._setup_optimizer()
+        if self.resume.resuming:
+            load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
+        self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
+        self.prompts = sample_prompt_texts(config, tokenizer)
+        self.samples_before = self._generate_samples()
+        if self.resume.resuming:
+            self._restore_training_state()
+        self._start_logging()
+
+    def _setup_model(self) -> None:
+        self.model = load_model(self.config, self.runtime, self.data.tokenizer, self.adapter)
+        self.loss_mode = choose_loss(self.config, self.model, self.say)
+        self.config_as_trained = config_as_trained(self.config, self.model, self.adapter)
+        self.say(parameters_line(self.model, self.runtime.precision))
+
+    def _setup_optimizer(self):
+        """The data order fixes the step count, which the learning-rate schedule needs."""
+        config = self.config
+        self.order = build_data_order(config, self.data.train_rows, self.runtime.world_size)
+        self.total_steps = self.order.total_steps(config.num_epochs, config.max_steps)
+        optimizer_cls, optimizer_kwargs = self.runtime.optimizer_choice
+        optimizer = build_optimizer(self.model, config, optimizer_cls, optimizer_kwargs)
+        self.scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
+        return optimizer
+
+    def _restore_training_state(self) -> None:
+        resume = self.resume
+        assert resume.checkpoint is not None and resume.state is not None
+        restore_training_state(resume, self.parallel, self.scheduler, self.early)
+        self.counters = Counters.from_checkpoint(resume.state)
+        for note in ckpt.resume_notes(resume.checkpoint, self.config, resume.state, self.total_steps):
+            self.say(f"warning: resume: {note}")
+        self.say(f"resume: resumed from checkpoints/{resume.checkpoint.name} at step "
+                 f"{self.counters.start_step}/{self.total_steps}")
+
+    def _start_logging(self) -> None:
+        runtime, config = self.runtime, self.config
+        self.metrics = MetricsLog(self.layout.logs, resume_step=self.counters.start_step, enabled=runtime.is_main)
+        runtime.integrations.watch(self.unwrapped)
+        self.say(
+            f"train: {len(self.data.train_rows)} rows, {self.order.rows_per_step} rows/step "
+            f"({config.micro_batch_size} micro x {config.gradient_accumulation_steps} accum x "
+            f"{runtime.world_size} proc), {self.total_steps} steps, {self.order.steps_per_epoch} steps/epoch"
+        )
+
+    def _generate_samples(self) -> list[str]:
+        """Greedy completions of ``sample_prompts`` (on the main process, which reports them).
+
+        Under ZeRO-3 and FSDP every rank holds a slice of the weights: all ranks generate, in step.
+        """
+        sharded = self.parallel.sharded_weights
+        if not (self.runtime.is_main or sharded):
+            return []
+        return generate_completions(self.unwrapped, self.data.tokenizer, self.prompts,
+                                    self.config.sample_max_new_tokens, synced_ranks=sharded)
+
+    # ---- train --------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """The step loop: a step, its log row, evaluation and early stopping, checkpoint saves."""
+        config, total = self.config, self.total_steps
+        steps_per_epoch = self.order.steps_per_epoch
+        self.progress = Progress(total, self.counters.start_step, enabled=self.runtime.is_main)
+        if config.eval_on_start and self.counters.start_step == 0:
+            self._log({"step": 0, "eval_loss": self._evaluate(0)})
+        for step in range(self.counters.start_step, total):
+            row = self._step(step)
+            done = self.counters.step
+            if self.data.val_rows and evaluates_at(config, done, total, steps_per_epoch):
+                row = {**(row or {"step": done}), "eval_loss": self._evaluate(done)}
+            if row is not None:
+                self._log(row)
+            if self.early.should_stop and done < total:
+                self.say(self.early.stop_message(done))
+                break
+            if saves_at(config, done, total, steps_per_epoch):
+                self._save_checkpoint()
+        self.progress.close()
+
+    def _step(self, step: int) -> dict[str, Any] | None:
+        """Train one step; returns its metrics row when this step logs (``logging_steps``, and the last)."""
+        started = time.perf_counter()
+        result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
+                            self.config.max_grad_norm, self.loss_mode)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        seconds = time.perf_counter() - started
+        self.counters.add(result, seconds)
+        done = self.counters.step
+        last = {"step": done, "epoch": round(self.order.epoch_of(done), 4), "loss": result.loss, "lr": lr,
+                "grad_norm": result.grad_norm, "tokens_per_second": result.tokens / max(seconds, 1e-9)}
+        self.counters.last = last
+        self.progress.update(done, last)
+        return dict(last) if (done % self.config.logging_steps == 0 or done == self.total_steps) else None
+
+    def _evaluate(self, step: int) -> float:
+        eval_loss = evaluate(self.model, self.runtime.accelerator, self.data.val_rows, self.data.val_collate,
+                             self.config.micro_batch_size)
+        self.early.observe(step, eval_loss, self.unwrapped, self.parallel)
+        self.counters.eval_loss = eval_loss
+        return eval_loss
+
+    def _log(self, row: dict[str, Any]) -> None:
+        """One row to logs/metrics.jsonl, the trackers and the console."""
+        self.metrics.write(row)
+        self.runtime.integrations.log(row)
+        self.progress.log_line(row["step"], row)
+
+    def _save_checkpoint(self) -> None:
+        counters = self.counters
+        ckpt.save_checkpoint(
+            self.layout.root, counters.step, parallel=self.parallel,
+            save_adapter=lambda directory: ckpt.save_adapter(self.unwrapped, directory),
+            scheduler=self.scheduler, config=self.config_as_trained, resume_key=self.resume.key,
+            extra_state={"totals": counters.totals, "total_steps": self.total_steps,
+                         "last_eval_loss": counters.eval_loss, "early_stopping": self.early.state()},
+            save_total_limit=self.config.save_total_limit,
+            best_adapter=self.early.best_weights,
+        )
+
+    # ---- finish -------------------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """The best adapter (early stopping), samples after training, ``final/``, the loss plot, the trackers."""
+        runtime, early = self.runtime, self.early
+        if early.enabled and early.best_step is not None:
+            with self.parallel.gathered_adapter(modify=True):
+                early.restore_best(self.unwrapped)
+            self.say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
+                     f"of {self.counters.step} steps trained")
+        summary = build_summary(self, samples_after=self._generate_samples())
+        with self.parallel.gathered_adapter():
+            if runtime.is_main:
+                write_final(self.layout.final, self.unwrapped, self.data.tokenizer, self.config_as_trained, summary)
+        if runtime.is_main:
+            self.metrics.plot_loss()
+            self.metrics.close()
+            print_samples(summary["samples"], self.say)
+            self.say(f"saved: {self.layout.final}")
+            runtime.integrations.finish(self.layout.final, summary)
+        runtime.accelerator.wait_for_everyone()
+        return RunResult(output_dir=self.layout.root, summary=summary)
