@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config
+from axlora.core.names import ADAPTER_WEIGHTS
 from axlora.validate import describe_plan
 
 from conftest import (
@@ -27,7 +28,7 @@ from conftest import (
 )
 
 pytestmark = pytest.mark.slow
-WEIGHTS = "adapter_model.safetensors"
+WEIGHTS = ADAPTER_WEIGHTS
 
 # 93 train rows, 4 rows a step: the epoch's last step has one row, so rank 1 has no micro batch in it; 3
 # validation rows: rank 0 evaluates two batches, rank 1 one. Every rank must still run the same forwards.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from axlora.config.schema import Config
 from axlora.core.errors import RunFailed, UserError
-from axlora.core.layout import is_adapter_dir
+from axlora.core.layout import RunLayout, is_adapter_dir
 from axlora.model.adapter_choice import find_adapter
 from axlora.model.source import resolve_base_model
 
@@ -23,7 +23,7 @@ def choose_adapter(config: Config, lora_model_dir: str | None) -> tuple[Path, st
     if lora_model_dir:
         adapter, reason = find_adapter(Path(lora_model_dir).expanduser().resolve())
         return adapter, f"--lora-model-dir: {reason}"
-    final = Path(config.output_dir) / "final"
+    final = RunLayout(Path(config.output_dir)).final
     if is_adapter_dir(final):
         return final, f"the run's final adapter {final}"
     if config.lora_model_dir:
@@ -41,7 +41,7 @@ def run_merge(config: Config, *, lora_model_dir: str | None, output: str | None,
 
     adapter_dir, reason = choose_adapter(config, lora_model_dir)
     log(f"merge-lora: merging {reason}")
-    output_dir = Path(output).expanduser().resolve() if output else Path(config.output_dir) / "merged"
+    output_dir = Path(output).expanduser().resolve() if output else RunLayout(Path(config.output_dir)).merged
     tokenizer_dir = adapter_dir if any((adapter_dir / n).is_file() for n in _TOKENIZER_FILES) else None
     try:
         report = merge_lora(

@@ -22,6 +22,7 @@ from typing import Any
 
 from axlora.config.schema import Config
 from axlora.core.atomic import atomic_directory
+from axlora.core.layout import RunLayout
 from axlora.data.rows import TokenizedRows
 from axlora.data.segments import RowFormat
 
@@ -56,7 +57,7 @@ def data_fingerprint(
 
 
 def cache_root(config: Config) -> Path:
-    return Path(config.dataset_prepared_path or Path(config.output_dir) / "prepared")
+    return Path(config.dataset_prepared_path or RunLayout(Path(config.output_dir)).prepared)
 
 
 def is_complete(cache_dir: Path) -> bool:

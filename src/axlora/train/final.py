@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from axlora.train.recipe import TrainingRun
 
 
-def build_summary(run: TrainingRun, samples_after: list[str]) -> dict[str, Any]:
+def build_summary(run: TrainingRun, completions_after: list[str]) -> dict[str, Any]:
     """``train_summary.json``: what was trained, on what, how fast, and the samples before and after."""
     runtime, counters, totals = run.runtime, run.counters, run.counters.totals
     steps = counters.step
@@ -49,7 +49,7 @@ def build_summary(run: TrainingRun, samples_after: list[str]) -> dict[str, Any]:
         "precision": runtime.precision.name,
         "samples": [
             {"prompt": p, "before": b, "after": a}
-            for p, b, a in zip(run.prompts, run.samples_before, samples_after, strict=True)
+            for p, b, a in zip(run.prompts, run.completions_before, completions_after, strict=True)
         ] if runtime.is_main else [],  # only the main process generates (under ZeRO-3 and FSDP all do, main reports)
         "versions": _versions(),
     }
@@ -64,12 +64,13 @@ def write_final(final_dir: Path, peft_model, tokenizer, config: Config, summary:
         (tmp / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2, default=_json_default))
 
 
-def print_samples(samples: list[dict], say) -> None:
-    for sample in samples:
-        prompt = sample["prompt"].strip().splitlines()
+def print_completions(completions: list[dict], say) -> None:
+    """Each sample prompt (its last lines) with the completions before and after training."""
+    for completion in completions:
+        prompt = completion["prompt"].strip().splitlines()
         say(f"sample: {' / '.join(prompt[-4:])}")
-        say(f"  before: {sample['before'].strip()!r}")
-        say(f"  after:  {sample['after'].strip()!r}")
+        say(f"  before: {completion['before'].strip()!r}")
+        say(f"  after:  {completion['after'].strip()!r}")
 
 
 def _json_default(value):

@@ -10,7 +10,7 @@ The training loop uses one object::
     integrations = start_integrations(config, log=say, enabled=is_main)   # early: missing packages fail fast
     integrations.watch(model)                              # wandb_watch, once the model exists
     integrations.log(row)                                  # every metrics row (has "step")
-    integrations.finish(output_dir / "final", summary)     # uploads, Hub push, closes the runs
+    integrations.finish(RunLayout(output_dir).final, summary)     # uploads, Hub push, closes the runs
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from axlora.train.completions import generate_completions, sample_prompt_texts
 from axlora.train.data_order import DataOrder
 from axlora.train.data_setup import TrainingData, check_eval_settings, lay_out_rows, prepare_rows
 from axlora.train.early_stopping import EarlyStopping
-from axlora.train.final import build_summary, print_samples, write_final
+from axlora.train.final import build_summary, print_completions, write_final
 from axlora.train.intervals import evaluates_at, saves_at
 from axlora.train.length_groups import build_data_order
 from axlora.train.metrics import MetricsLog
@@ -91,7 +91,7 @@ class TrainingRun:
     scheduler: Any
     parallel: DataParallel
     prompts: list[str]
-    samples_before: list[str]
+    completions_before: list[str]
     metrics: MetricsLog
     progress: Progress
 
@@ -132,7 +132,7 @@ class TrainingRun:
             load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
         self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
         self.prompts = sample_prompt_texts(config, tokenizer)
-        self.samples_before = self._generate_samples()
+        self.completions_before = self._complete_prompts()
         if self.resume.resuming:
             self._restore_training_state()
         self._start_logging()
@@ -173,7 +173,7 @@ class TrainingRun:
             f"{runtime.world_size} proc), {self.total_steps} steps, {self.order.steps_per_epoch} steps/epoch"
         )
 
-    def _generate_samples(self) -> list[str]:
+    def _complete_prompts(self) -> list[str]:
         """Greedy completions of ``sample_prompts`` (on the main process, which reports them).
 
         Under ZeRO-3 and FSDP every rank holds a slice of the weights: all ranks generate, in step.
@@ -258,14 +258,14 @@ class TrainingRun:
                 early.restore_best(self.unwrapped)
             self.say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
                      f"of {self.counters.step} steps trained")
-        summary = build_summary(self, samples_after=self._generate_samples())
+        summary = build_summary(self, completions_after=self._complete_prompts())
         with self.parallel.gathered_adapter():
             if runtime.is_main:
                 write_final(self.layout.final, self.unwrapped, self.data.tokenizer, self.config_as_trained, summary)
         if runtime.is_main:
             self.metrics.plot_loss()
             self.metrics.close()
-            print_samples(summary["samples"], self.say)
+            print_completions(summary["samples"], self.say)
             self.say(f"saved: {self.layout.final}")
             runtime.integrations.finish(self.layout.final, summary)
         runtime.accelerator.wait_for_everyone()
