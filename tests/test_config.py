@@ -146,3 +146,79 @@ def test_shipped_yaml_validates_and_points_at_the_schema(path):
     assert (path.parent / first.split("=", 1)[1]).resolve() == (REPO / "schemas" / "axlora.schema.json")
     load_config(path)
     assert yaml.safe_load(path.read_text())
+
+
+def test_duplicated_key_names_the_key_and_both_lines(tmp_path):
+    path = write(tmp_path, BASE.replace("    type: alpaca\n", "    type: alpaca\n    type: completion\n") + "max_steps: 20\n")
+    problems = problems_of(path)
+    assert problems == [
+        f"{path}:5: key 'datasets[0].type' is written twice (lines 4 and 5); YAML would silently keep the last "
+        "value: keep one.",
+        f"{path}:8: key 'max_steps' is written twice (lines 7 and 8); YAML would silently keep the last value: "
+        "keep one.",
+    ]
+
+
+def test_merge_keys_are_no_duplicates(tmp_path):
+    text = BASE.replace("datasets:\n  - path: data.jsonl\n    type: alpaca\n",
+                        "datasets:\n  - &data {path: data.jsonl, type: alpaca}\n  - <<: *data\n    path: more.jsonl\n")
+    config = load_config(write(tmp_path, text))
+    assert [d.type for d in config.datasets] == ["alpaca", "alpaca"]
+    assert config.datasets[1].path.endswith("more.jsonl")
+
+
+@pytest.mark.parametrize("key, kind", [("1", "an int"), ("~", "a null"), ("null", "a null"), ("2.5", "a float")])
+def test_non_string_top_level_key_is_a_problem(tmp_path, key, kind):
+    path = write(tmp_path, BASE + f"{key}: 3\n")
+    assert problems_of(path) == [f"{path}:7: key '{key}' is read as {kind}, not a name; config keys are names "
+                                 "(quote it if it is meant as one)."]
+
+
+def test_non_string_key_in_a_dataset_entry_exits_2(tmp_path):
+    path = write(tmp_path, BASE.replace("    type: alpaca\n", "    type: alpaca\n    7: x\n"))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2, result.stderr
+    assert f"{path}:5: key '7' is read as an int" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("depth, expected", [(5000, "nested far too deeply to read"),
+                                             (150, "foo[0]: nested more than 100 levels deep")])
+def test_absurd_nesting_is_a_problem(tmp_path, depth, expected):
+    for style, text in (("flow", "foo: " + "[" * depth + "]" * depth + "\n"),
+                        ("block", "foo:\n" + "".join("  " * i + "-\n" for i in range(1, depth)))):
+        [problem] = problems_of(write(tmp_path, BASE + text))
+        assert expected in problem and problem.startswith(f"{tmp_path / 'c.yml'}:"), (style, problem)
+
+
+def test_alias_inside_itself_is_a_problem(tmp_path):
+    [problem] = problems_of(write(tmp_path, BASE + "foo: &loop [1, *loop]\n"))
+    assert problem.endswith("foo[1]: an alias refers to a list or mapping that contains it.")
+
+
+def test_unclosed_bracket_names_where_it_opens(tmp_path):
+    path = write(tmp_path, BASE + "lora_target_modules: [q_proj,\n  v_proj\nlora_r: 8\nlora_alpha: 16\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:9: not valid YAML: expected ',' or ']'")
+    assert problem.endswith("the flow sequence it belongs to starts at line 7")
+
+
+@pytest.mark.parametrize("seed, ok", [(0, True), (2**32 - 1, True), (-1, False), (2**32, False)])
+def test_seed_range_is_checked(tmp_path, seed, ok):
+    path = write(tmp_path, BASE + f"seed: {seed}\n")
+    if ok:
+        assert load_config(path).seed == seed
+    else:
+        [problem] = problems_of(path)
+        assert problem.startswith(f"{path}:7: seed: Input should be")
+
+
+def test_seed_out_of_range_fails_validate(tmp_path):
+    result = run_cli("validate", str(write(tmp_path, BASE)), "--seed", "-1")
+    assert result.returncode == 2 and "seed" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", ['""', "'  '"])
+def test_empty_output_dir_is_a_problem(tmp_path, value):
+    path = write(tmp_path, BASE + f"output_dir: {value}\n")
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:7: output_dir: must name a directory")

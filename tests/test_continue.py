@@ -232,3 +232,81 @@ def test_continuing_into_the_adapters_own_output_dir_is_refused(tmp_path, tiny_m
                           output_dir=str(continued.out))
     result = run_cli("validate", str(config))
     assert result.returncode == 2 and "set a new output_dir" in result.stderr
+
+
+def _damage(weights: Path, case: str) -> str:
+    """Damage an adapter's weights file as a crash, a bad disk or a diverged run would; returns the expected words."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    data = weights.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    if case == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+        return "the file is truncated"
+    if case == "truncated-header":
+        weights.write_bytes(data[: 8 + header_len // 2])
+        return "the file ends inside its"
+    if case == "empty":
+        weights.write_bytes(b"")
+        return "file shorter than 8 bytes"
+    if case == "damaged-entry":
+        header = json.loads(data[8: 8 + header_len])
+        name = next(key for key in header if key != "__metadata__")
+        header[name]["shape"] = [dim * 2 for dim in header[name]["shape"]]
+        raw = json.dumps(header).encode().ljust(header_len)
+        weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + header_len:])
+        return f"tensor '{name}' has a damaged header entry"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return f"tensor {name} holds NaN/inf"
+
+
+@pytest.mark.parametrize("case", ["truncated", "truncated-header", "empty", "damaged-entry", "nan"])
+def test_damaged_adapter_exits_2_naming_the_file(tmp_path, tiny_model_dir, alpaca_file, peft_adapter, case, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, adapter)
+    expected = _damage(adapter / WEIGHTS, case)
+    config = write_config(tmp_path, tiny_model_dir, alpaca_file, lora_model_dir=str(adapter), max_steps=1)
+    result = main_in_process(capsys, "train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"lora_model_dir: {adapter / WEIGHTS}: " in result.stderr and expected in result.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_target_module_matching_nothing_is_named(tmp_path, tiny_model_dir, alpaca_file, capsys):
+    """peft would adapt q_proj alone and drop the misspelt entries without a word."""
+    config = write_config(tmp_path, tiny_model_dir, alpaca_file, lora_target_modules=["q_proj", "v_prj", "mlp.up"])
+    result = main_in_process(capsys, "train", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "lora_target_modules: 'v_prj' (did you mean 'v_proj'?), 'mlp.up'" in result.stderr
+    assert "name no module of base_model" in result.stderr and "'q_proj'" not in result.stderr
+    assert "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in result.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_hidden_final_left_by_a_kill_is_restored_and_used(tmp_path, tiny_model_dir, alpaca_file, peft_adapter,
+                                                          capsys):
+    """A kill between the two renames that replace final/ (filesystems without RENAME_EXCHANGE) hides it."""
+    from axlora.config.load import load_config
+    from axlora.merge_command import choose_adapter
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(peft_adapter, run / ".final.old-999999999")  # a dead process's complete hidden copy
+    config = load_config(write_config(tmp_path, tiny_model_dir, alpaca_file, output_dir=str(run),
+                                      lora_target_linear=True))
+    logs: list[str] = []
+    adapter, reason = choose_adapter(config, None, logs.append)
+    assert adapter == run / "final" and "the run's final adapter" in reason
+    assert tree_digest(run / "final") == tree_digest(peft_adapter)
+    assert len(logs) == 1 and "restored the complete copy .final.old-999999999" in logs[0]
+
+    (run / "final").rename(run / ".final.old-999999999")  # and once more, found through lora_model_dir
+    result = run_cli("validate", str(write_config(tmp_path, tiny_model_dir, alpaca_file, lora_model_dir=str(run))))
+    assert result.returncode == 0, result.stderr
+    assert "is an earlier axlora run; continuing its final/ adapter" in result.stdout
+    assert "restored the complete copy" in result.stderr and (run / "final").is_dir()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from fs_faults import read_only_dir, small_disk
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -18,6 +20,8 @@ from axlora.merge import MergeVerificationError, merge_lora
 from axlora.merge import ops as merge_ops
 from axlora.merge.safetensors_io import ShardWriter
 from axlora.merge.tensor_map import _with_vocab_size
+
+from conftest import main_in_process
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[1, 5, 17, 99, 200, 3, 64, 128, 255, 7]])
@@ -293,7 +297,8 @@ def test_nan_in_adapter_is_refused(base, tmp_path):
     key = next(k for k in weights if k.endswith("layers.1.self_attn.q_proj.lora_B.weight"))
     weights[key][3, 1] = float("nan")
     save_file(weights, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(MergeVerificationError, match="layers.1.self_attn.q_proj.weight: contains NaN"):
+    with pytest.raises(UserError, match=r"adapter_model.safetensors: tensor \S+layers.1.self_attn.q_proj.lora_B.weight "
+                       "holds NaN/inf; the adapter is broken"):
         merge_lora(base, adapter, tmp_path / "merged", verify=False, log=lambda _: None)
     assert not (tmp_path / "merged").exists() and _leftovers(tmp_path) == []
 
@@ -395,3 +400,83 @@ def test_probe_reference_is_independent_of_the_merge():
     merge_ops.add_lora_delta(merged, a, b, 0.5)
     assert merge_ops.compare(merged @ x, ref).relative < 1e-6
     assert merge_ops.compare((w0 + 0.5 * (b @ a) * 1.1) @ x, ref).relative > 1e-3
+
+
+def test_marker_lists_the_files_the_merge_wrote(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    merge_lora(base, adapter, out, max_shard_size=64 * 1024, log=lambda _: None)
+    listed = json.loads((out / MERGE_MARKER).read_text())["files"]
+    assert listed == sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in listed and MERGE_MARKER in listed
+
+
+def test_files_the_merge_did_not_write_are_never_deleted(base, tmp_path):
+    first = _make_adapter(base, tmp_path / "a1", seed=1, r=4, target_modules=["q_proj"])
+    second = _make_adapter(base, tmp_path / "a2", seed=2, r=4, target_modules=["v_proj"])
+    out = tmp_path / "merged"
+    merge_lora(base, first, out, log=lambda _: None)
+    (out / "model-q4.gguf").write_bytes(b"GGUF export")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds files merge-lora did not write \(eval, model-q4.gguf\)"):
+        merge_lora(base, second, out, log=lambda _: None)
+    assert (out / "model-q4.gguf").read_bytes() == b"GGUF export" and (out / "eval" / "results.json").is_file()
+    _assert_matches_peft(base, first, out)  # the earlier merge is untouched
+    assert _leftovers(tmp_path) == []
+
+
+def test_marker_without_a_file_list_is_recognised_by_name(base, tmp_path):
+    """Merges from before the marker listed its files are still replaced; unknown files still stop it."""
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    out = tmp_path / "merged"
+    merge_lora(base, adapter, out, log=lambda _: None)
+    marker = json.loads((out / MERGE_MARKER).read_text())
+    del marker["files"]
+    (out / MERGE_MARKER).write_text(json.dumps(marker))
+    merge_lora(base, adapter, out, log=lambda _: None)
+    (out / "notes.md").write_text("mine")
+    marker = json.loads((out / MERGE_MARKER).read_text())
+    del marker["files"]
+    (out / MERGE_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(UserError, match=r"did not write \(notes.md\)"):
+        merge_lora(base, adapter, out, log=lambda _: None)
+
+
+def test_output_under_a_regular_file_is_a_user_error(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file: is a file, not a directory"):
+        merge_lora(base, adapter, tmp_path / "file" / "merged", log=lambda _: None)
+
+
+def test_read_only_output_is_a_user_error(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with read_only_dir(tmp_path / "ro") as ro:
+        with pytest.raises(UserError, match=f"{ro}.*(Read-only file system|Permission denied)"):
+            merge_lora(base, adapter, ro / "merged", log=lambda _: None)
+        assert list(ro.iterdir()) == []
+
+
+def test_merge_lora_command_reports_unwritable_output(base, tmp_path, capsys):
+    """Through the command line: exit 2 and one line naming the path, no traceback."""
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"base_model": str(base), "datasets": [{"path": str(data), "type": "alpaca"}],
+                                      "lora_target_linear": True, "max_steps": 1, "output_dir": str(tmp_path / "run")}))
+    (tmp_path / "file").write_text("")
+    result = main_in_process(capsys, "merge-lora", str(config), "--lora-model-dir", str(adapter),
+                             "--output", str(tmp_path / "file" / "merged"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'file'}: is a file, not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_full_disk_is_a_user_error_and_leaves_nothing(base, tmp_path):
+    adapter = _make_adapter(base, tmp_path / "ad", r=4, target_modules=["q_proj"])
+    with small_disk(tmp_path / "small", "64k") as disk:
+        with pytest.raises(UserError, match=f"{disk}.*No space left on device"):
+            merge_lora(base, adapter, disk / "merged", log=lambda _: None)
+        assert list(disk.iterdir()) == []

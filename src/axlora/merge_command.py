@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from axlora.config.schema import Config
+from axlora.core.atomic import recover_directory
 from axlora.core.errors import RunFailed, UserError
 from axlora.core.layout import RunLayout, is_adapter_dir
 from axlora.model.adapter_choice import find_adapter
@@ -18,12 +19,13 @@ from axlora.model.source import resolve_base_model
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def choose_adapter(config: Config, lora_model_dir: str | None) -> tuple[Path, str]:
+def choose_adapter(config: Config, lora_model_dir: str | None, log=print) -> tuple[Path, str]:
     """The adapter to merge and why it was chosen."""
     if lora_model_dir:
         adapter, reason = find_adapter(Path(lora_model_dir).expanduser().resolve())
         return adapter, f"--lora-model-dir: {reason}"
     final = RunLayout(Path(config.output_dir)).final
+    recover_directory(final, log)  # a replacement of final/ killed half way left it hidden
     if is_adapter_dir(final):
         return final, f"the run's final adapter {final}"
     if config.lora_model_dir:
@@ -39,7 +41,7 @@ def run_merge(config: Config, *, lora_model_dir: str | None, output: str | None,
               verify: bool, log=print) -> Path:
     from axlora.merge import MergeVerificationError, merge_lora
 
-    adapter_dir, reason = choose_adapter(config, lora_model_dir)
+    adapter_dir, reason = choose_adapter(config, lora_model_dir, log)
     log(f"merge-lora: merging {reason}")
     output_dir = Path(output).expanduser().resolve() if output else RunLayout(Path(config.output_dir)).merged
     tokenizer_dir = adapter_dir if any((adapter_dir / n).is_file() for n in _TOKENIZER_FILES) else None

@@ -23,6 +23,10 @@ from axlora.core.suggest import did_you_mean
 
 KeyPath = tuple[str | int, ...]
 _SEE_SCHEMA = "; `axlora schema` lists every key."
+MAX_NESTING = 100
+"""The deepest nesting a config may use; real configs use a few levels."""
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def _print_note(message: str) -> None:
@@ -90,34 +94,124 @@ def _read_text(path: Path) -> str:
 
 
 def _parse_yaml(text: str, source: str) -> tuple[dict[str, Any], dict[KeyPath, int]]:
-    """Parse YAML and remember the line of every key, so errors can point at it."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "unknown line"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [f"{where}: not valid YAML: {problem}"]) from None
-    if data is None:
+    """Parse YAML and remember the line of every key, so errors can point at it.
+
+    What PyYAML lets through silently (a key written twice: the last wins) or fails on with a Python error (a
+    key that is a number or null, nesting hundreds deep, an alias inside itself) is refused here with its line.
+    """
+    node = _compose(text, source)
+    if node is None:
         raise ConfigError(source, ["the file is empty; expected a mapping of config keys."])
-    if not isinstance(data, dict):
+    if not isinstance(node, yaml.MappingNode):
         raise ConfigError(source, ["the top level must be a mapping of keys (key: value), not a list or a value."])
+    problems = _structure_problems(node, source)
+    if problems:
+        raise ConfigError(source, problems)
+    loader = yaml.SafeLoader("")
+    try:
+        data = loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [_syntax_problem(exc, source)]) from None
+    finally:
+        loader.dispose()
     lines: dict[KeyPath, int] = {}
-    _collect_lines(node, (), lines)
+    _collect_lines(node, (), lines, set())
     return _drop_unset(data), lines
 
 
-def _collect_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int]) -> None:
+def _compose(text: str, source: str) -> yaml.Node | None:
+    loader = yaml.SafeLoader(text)
+    try:
+        return loader.get_single_node()
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [_syntax_problem(exc, source)]) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively
+        line = loader.get_mark().line + 1
+        raise ConfigError(source, [f"{source}:{line}: lists or mappings nested far too deeply to read (a config nests a "
+                                   f"few levels; at most {MAX_NESTING})."]) from None
+    finally:
+        loader.dispose()
+
+
+def _syntax_problem(exc: yaml.YAMLError, source: str) -> str:
+    """Where the parser noticed the error and, when it is elsewhere, where the unclosed construct starts."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}" if mark else source
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    opened = ""
+    if context and start is not None and (mark is None or start.line != mark.line):
+        construct = context.removeprefix("while parsing ").removeprefix("while scanning ")
+        construct = construct.removeprefix("a ").removeprefix("an ")
+        opened = f"; the {construct} it belongs to starts at line {start.line + 1}"
+    return f"{where}: not valid YAML: {problem}{opened}"
+
+
+def _structure_problems(root: yaml.MappingNode, source: str) -> list[str]:
+    """Keys written twice, config keys that are not names, too deep nesting, aliases inside themselves.
+
+    Walks the nodes without recursion, each node once (aliases share nodes), so no input can exhaust the stack.
+    Problems come in file order.
+    """
+    problems: list[tuple[int, str]] = []
+    stack: list[tuple[yaml.Node, KeyPath, frozenset[int]]] = [(root, (), frozenset())]
+    seen: set[int] = set()
+    while stack:
+        node, path, ancestors = stack.pop()
+        line = node.start_mark.line + 1
+        if id(node) in ancestors:
+            problems.append((line, f"{_dotted(path)}: an alias refers to a list or mapping that contains it."))
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if len(path) > MAX_NESTING:
+            problems.append((line, f"{_dotted(path[:2])}: nested more than {MAX_NESTING} levels deep."))
+            break
+        inside = ancestors | {id(node)}
+        if isinstance(node, yaml.MappingNode):
+            problems += _key_problems(node, path)
+            stack += [(value, (*path, str(key.value)), inside) for key, value in reversed(node.value)]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, (*path, i), inside) for i, item in reversed(list(enumerate(node.value)))]
+    return [f"{source}:{line}: {text}" for line, text in sorted(problems)]
+
+
+def _key_problems(node: yaml.MappingNode, path: KeyPath) -> list[tuple[int, str]]:
+    """Duplicates in any mapping; keys that are not strings where they are config keys (top level, datasets)."""
+    problems = []
+    first_line: dict[tuple[str, str], int] = {}
+    config_keys = path == () or (len(path) == 2 and path[0] == "datasets")
+    for key, _value in node.value:
+        line = key.start_mark.line + 1
+        if not isinstance(key, yaml.ScalarNode):
+            problems.append((line, f"a key of {_dotted(path) or 'the top level'} is a list or mapping; keys are names."))
+            continue
+        if config_keys and key.tag not in (_STR_TAG, _MERGE_TAG):
+            kind = key.tag.rsplit(":", 1)[-1]
+            problems.append((line, f"key {key.value!r} is read as {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a "
+                                   "name; config keys are names (quote it if it is meant as one)."))
+        identity = (key.tag, key.value)
+        if identity in first_line and key.tag != _MERGE_TAG:
+            problems.append((line, f"key '{_dotted((*path, key.value))}' is written twice (lines {first_line[identity]} "
+                                   f"and {line}); YAML would silently keep the last value: keep one."))
+        first_line.setdefault(identity, line)
+    return problems
+
+
+def _collect_lines(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: its lines are where the anchor was written
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, str(key_node.value))
             lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines)
+            _collect_lines(value_node, key, lines, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[(*prefix, index)] = item.start_mark.line + 1
-            _collect_lines(item, (*prefix, index), lines)
+            _collect_lines(item, (*prefix, index), lines, seen)
 
 
 def _drop_unset(value: Any) -> Any:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from axlora.config.base import StrictModel
 
 BoolOrAuto = bool | Literal["auto"]
+MAX_SEED = 2**32 - 1
+"""The largest seed every seeded library takes: numpy's legacy generator (which transformers' set_seed seeds)
+accepts 0 to 2**32 - 1; torch accepts a wider range."""
 
 
 class TrainingSettings(StrictModel):
@@ -34,7 +37,8 @@ class TrainingSettings(StrictModel):
     fp16: bool = Field(default=False, description="float16 mixed precision (GPU only).")
     tf32: BoolOrAuto = Field(default=False, description="Allow TF32 matmuls on Ampere+ GPUs (auto: where supported).")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
-    seed: int = Field(default=42, description="Seed for data order, LoRA init and dropout.")
+    seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed for data order, LoRA init and dropout "
+                      f"(0 to {MAX_SEED}).")
     logging_steps: int = Field(default=5, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int | float | None = Field(
         default=None, gt=0, description="Evaluate every N steps, or a fraction (<1) of all steps (default: at the end)."
@@ -125,3 +129,10 @@ class MemorySettings(StrictModel):
 
 class OutputSettings(StrictModel):
     output_dir: str = Field(default="./outputs/lora-out", description="Where the run writes its outputs.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory (an empty output_dir would write into the current directory)")
+        return value

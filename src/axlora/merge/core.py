@@ -16,10 +16,12 @@ import torch
 from axlora import __version__
 from axlora.core.errors import UserError
 from axlora.core.names import MERGE_MARKER
+from axlora.core.safetensors_header import read_header
 from axlora.merge import ops
 from axlora.merge.base import BaseModel, load_base, resolve_base_dir
 from axlora.merge.lora_weights import Adapter, LoraModule, load_adapter
 from axlora.merge.output import (
+    MARKER_FILES_KEY,
     check_output_dir,
     copy_synced,
     publish,
@@ -27,8 +29,9 @@ from axlora.merge.output import (
     tokenizer_files,
     tokenizer_length,
     write_json,
+    written_files,
 )
-from axlora.merge.safetensors_io import CODE_TO_TORCH, ShardWriter, TensorReader, plan_shards
+from axlora.merge.safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ShardWriter, TensorReader, plan_shards
 from axlora.merge.tensor_map import OutputTensor, OutputTensors, map_output_tensors, parse_dtype
 
 Log = Callable[[str], None]
@@ -140,6 +143,7 @@ def merge_lora(
     check_output_dir(output_dir, inputs)  # refuse before minutes of work, and again at publish
     base = load_base(base_dir)
     adapter = load_adapter(adapter_dir)
+    _require_finite_adapter(adapter)
     outputs = map_output_tensors(base, adapter, out_dtype)
     tokenizer_sources = _tokenizer_sources(tokenizer_dir, base_dir)
     if outputs.vocab_size is not None:
@@ -149,7 +153,7 @@ def merge_lora(
         + (" (lm_head untied from the embedding)" if outputs.untied else "")
         + (f" (vocabulary resized to {outputs.vocab_size})" if outputs.vocab_size is not None else ""))
     verifier = _Verifier(verify, tolerance)
-    with staging_dir(output_dir) as tmp:
+    with staging_dir(output_dir, log) as tmp:
         total_size, shard_count = _write_weights(outputs, adapter, tmp, verifier, max_shard_size, log)
         _write_side_files(outputs, base, tmp, tokenizer_sources)
         report = MergeReport(
@@ -157,7 +161,8 @@ def merge_lora(
             max_verify_error=verifier.worst_out if verify else None, total_size=total_size,
             seconds=0.0, replaced_tensors=outputs.replaced, max_abs_error=verifier.worst_abs if verify else None,
             dtype=_dtype_name(outputs.output_dtype), shards=shard_count)
-        write_json(tmp / MERGE_MARKER, _marker(base_model, base_dir, adapter_dir, report, verifier))
+        marker = _marker(base_model, base_dir, adapter_dir, report, verifier)
+        write_json(tmp / MERGE_MARKER, {**marker, MARKER_FILES_KEY: written_files(tmp)})
         publish(tmp, output_dir, inputs)
     seconds = time.monotonic() - started
     if not verify:
@@ -168,6 +173,16 @@ def merge_lora(
             f"largest absolute error {verifier.worst_abs:.3g}")
     log(f"wrote {output_dir} ({total_size / 1e9:.2f} GB in {shard_count} shards) in {seconds:.1f}s")
     return replace(report, seconds=seconds)
+
+
+def _require_finite_adapter(adapter: Adapter) -> None:
+    """A diverged run's adapter holds NaN/inf: refuse it as such, before any work (not as a merge failure)."""
+    infos, _ = read_header(adapter.weights)
+    with TensorReader(adapter.weights) as reader:
+        for info in infos:
+            if info.dtype in FLOAT_CODES and not ops.all_finite(reader.read(info)):
+                raise UserError(f"{adapter.weights}: tensor {info.name} holds NaN/inf; the adapter is broken (a "
+                                "training run that diverged?) and cannot be merged; nothing was written")
 
 
 def _check_numbers(max_shard_size: int, tolerance: float | None) -> None:
@@ -311,14 +326,14 @@ def _merge_bias(entry: OutputTensor, lora: LoraModule, out_dtype: torch.dtype, c
 
 
 def _require_finite(entry: OutputTensor, tensor: torch.Tensor) -> None:
-    """NaN/inf in a written tensor means a broken adapter or an fp16 overflow: never publish it.
+    """NaN/inf in a written tensor (the adapter was checked finite before): an overflow in the output dtype.
 
     Checked on every tensor that is computed (not raw-copied), after the cast, so overflow is caught too.
     """
     if not ops.all_finite(tensor):
         raise MergeVerificationError(
-            f"{entry.name}: contains NaN or inf as {_dtype_name(tensor.dtype)} (a broken adapter, or values out of "
-            "range for this dtype); nothing was written")
+            f"{entry.name}: contains NaN or inf as {_dtype_name(tensor.dtype)} (values out of range for this dtype, "
+            "or a base weight that holds NaN/inf); nothing was written")
 
 
 def _write_side_files(outputs: OutputTensors, base: BaseModel, tmp: Path, tokenizer_sources: list[Path]) -> None:

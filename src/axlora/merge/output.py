@@ -1,21 +1,34 @@
-"""The output directory: what may be overwritten, staging in a temporary sibling, and the atomic publish.
+"""The output directory: what may be replaced, staging in a temporary sibling, and the atomic publish.
 
 A merge writes gigabytes; if it dies half way the user must find either the previous state or a complete
 model, never a directory that looks like a model but is not. So everything goes into a hidden sibling directory,
-each file is fsync'ed, and only then is the directory renamed into place (a rename within one filesystem is
-atomic). Replacing an earlier merge renames it aside first and deletes it only after the new one is in place.
+each file is fsync'ed, and only then does ``core.atomic.replace_directory`` put it in place of an earlier merge
+without a moment where neither exists.
+
+merge-lora never deletes a file it did not write: its marker (``MERGE_MARKER``) lists every file of the merge,
+and an output directory holding anything else (a GGUF export, eval results) is refused, naming those files,
+before any work; the user moves them out or picks another ``--output``. A directory without the marker is not
+an earlier merge and is replaced only when empty.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from axlora.core.atomic import (
+    filesystem_error,
+    make_directory,
+    recover_directory,
+    replace_directory,
+    temp_sibling,
+)
 from axlora.core.errors import UserError
 from axlora.core.names import MERGE_MARKER
 
@@ -26,6 +39,12 @@ TOKENIZER_FILES = (
 )
 TOKENIZER_GLOBS = ("*.tiktoken",)
 TOKENIZER_DIRS = ("additional_chat_templates",)
+MARKER_FILES_KEY = "files"
+# What merges from before the marker listed its files wrote: their outputs are recognised by these names.
+_EARLIER_MERGE_PATTERNS = (
+    "model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "*.py",
+    MERGE_MARKER, *TOKENIZER_FILES, *TOKENIZER_GLOBS, *TOKENIZER_DIRS,
+)
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -45,65 +64,59 @@ def check_output_dir(output_dir: Path, inputs: dict[str, Path]) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{output_dir}: exists and is not a directory")
-    if any(out.iterdir()) and not (out / MERGE_MARKER).is_file():
+    present = sorted(child.name for child in out.iterdir())
+    if present and not (out / MERGE_MARKER).is_file():
         raise UserError(f"{output_dir}: exists, is not empty and is not an earlier merge output (no {MERGE_MARKER}); "
                         "choose another output directory or empty it")
+    foreign = [name for name in present if not _written_by_merge(name, out / MERGE_MARKER)]
+    if foreign:
+        raise UserError(f"{output_dir}: holds files merge-lora did not write ({', '.join(foreign)}); replacing the "
+                        "earlier merge would delete them: move them out of the directory or choose another --output")
 
 
-def temp_dir_for(output_dir: Path) -> Path:
-    return output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}"
+def _written_by_merge(name: str, marker: Path) -> bool:
+    """Whether the earlier merge's marker lists ``name`` (by file name pattern for markers without a list)."""
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{marker}: unreadable merge marker ({exc}); move the directory aside or delete it") from None
+    listed = data.get(MARKER_FILES_KEY) if isinstance(data, dict) else None
+    if isinstance(listed, list):
+        return name in listed
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _EARLIER_MERGE_PATTERNS)
+
+
+def written_files(tmp: Path) -> list[str]:
+    """The marker's file list: everything in the staged output, the marker itself included."""
+    return sorted({child.name for child in tmp.iterdir()} | {MERGE_MARKER})
 
 
 @contextmanager
-def staging_dir(output_dir: Path) -> Iterator[Path]:
-    """A fresh temporary sibling of ``output_dir``, removed again if anything (even Ctrl-C) goes wrong."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_for(output_dir)
-    if tmp.exists():  # left by a killed run that had our pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+def staging_dir(output_dir: Path, log: Callable[[str], None] = print) -> Iterator[Path]:
+    """A fresh temporary sibling of ``output_dir``, removed again if anything (even Ctrl-C) goes wrong.
+
+    A replacement an earlier merge left half done is recovered first; a full, read-only or misplaced disk is
+    reported as bad input naming the path.
+    """
+    make_directory(output_dir.parent)
+    recover_directory(output_dir, log)
+    tmp = temp_sibling(output_dir)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run that had our pid
+        tmp.mkdir()
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        reported = filesystem_error(exc, output_dir) if isinstance(exc, OSError) else None
+        if reported is not None:
+            raise reported from exc
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (renames, new files); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def publish(tmp: Path, output_dir: Path, inputs: dict[str, Path]) -> None:
-    """Move the finished ``tmp`` into place; an earlier merge output there is swapped out, then deleted."""
-    fsync_dir(tmp)
+    """Put the finished ``tmp`` in place of ``output_dir`` (an earlier merge there is replaced without a window)."""
     check_output_dir(output_dir, inputs)  # the destination may have changed during a long merge
-    old: Path | None = None
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(output_dir, old)
-    elif output_dir.is_dir():
-        output_dir.rmdir()
-    try:
-        os.rename(tmp, output_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old, output_dir)
-        raise
-    fsync_dir(output_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, output_dir)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import torch
 
 from axlora.core.errors import UserError
-from axlora.core.safetensors_header import TensorInfo
+from axlora.core.safetensors_header import DTYPE_SIZES, TensorInfo
 
 # safetensors dtype codes this module can turn into torch tensors (others are copied as raw bytes only).
 CODE_TO_TORCH: dict[str, torch.dtype] = {
@@ -38,8 +38,7 @@ CODE_TO_TORCH: dict[str, torch.dtype] = {
 }
 TORCH_TO_CODE: dict[torch.dtype, str] = {v: k for k, v in CODE_TO_TORCH.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-ITEM_SIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                             "U8": 1, "BOOL": 1, "U64": 8, "U32": 4, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEM_SIZE = DTYPE_SIZES  # one table, defined with the header reader
 
 _COPY_CHUNK = 16 * 1024 * 1024  # raw copies move at most this much through memory at once
 

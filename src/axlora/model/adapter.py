@@ -14,7 +14,9 @@ from axlora.model.adapter_choice import AdapterChoice, refuse_if_strict
 from axlora.model.adapter_fit import (
     BaseModelFacts,
     adapter_module_shapes,
+    check_adapter_values,
     check_base_model,
+    check_targets_exist,
     loaded_weight_shapes,
     short_module_names,
     target_conflicts,
@@ -41,6 +43,7 @@ def attach_adapter(model, config: Config, choice: AdapterChoice, log=print):
     from peft import get_peft_model
 
     log(choice.describe())
+    check_targets_exist(model, config)
     if choice.case == "fresh":
         try:
             return get_peft_model(model, fresh_lora_config(config))
@@ -54,6 +57,7 @@ def _continue_adapter(model, config: Config, choice: AdapterChoice, log):
     from peft import PeftModel
 
     assert choice.adapter_dir is not None
+    check_adapter_values(choice.adapter_dir)
     shapes = adapter_module_shapes(choice.adapter_dir)
     base = BaseModelFacts(names=[config.base_model, getattr(model, "name_or_path", "") or ""],
                           weight_shapes=loaded_weight_shapes(model), complete=True)

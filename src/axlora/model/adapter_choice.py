@@ -4,7 +4,8 @@
 validate`` can print the decision and refuse a bad ``lora_model_dir`` or a ``strict`` contradiction in a
 second. A continued adapter keeps its own rank, alpha, dropout and target modules (its weights only make
 sense with them); where the YAML says otherwise, each key is named with both values. The adapter's
-directory is only ever read.
+directory is only ever read, except that an earlier run's ``final/`` which a replacement killed half way left
+hidden is put back first (``core.atomic.recover_directory``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from axlora.config.schema import Config
 from axlora.core.adapter_config import read_adapter_config
+from axlora.core.atomic import recover_directory
 from axlora.core.errors import UserError
 from axlora.core.layout import RunLayout, is_adapter_dir
 from axlora.core.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_MARKER
@@ -60,6 +62,7 @@ def find_adapter(path: Path) -> tuple[Path, str]:
         raise UserError(f"lora_model_dir: '{path}' is not a directory; {expected}.")
     if is_adapter_dir(path):
         return path, f"continuing the adapter in {path}"
+    recover_directory(RunLayout(path).final)  # a replacement of final/ killed half way left it hidden
     if is_adapter_dir(RunLayout(path).final):
         return RunLayout(path).final, f"{path} is an earlier axlora run; continuing its final/ adapter"
     checkpoints = [c for c in RunLayout(path).complete_checkpoints() if is_adapter_dir(c)]

@@ -17,6 +17,7 @@ from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.core.names import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, PEFT_PREFIX, is_builtin_model
 from axlora.core.safetensors_header import tensor_shapes
+from axlora.core.suggest import did_you_mean
 
 _SHOWN_PROBLEMS = 5
 # weight-name part -> (factor, on an embedding): lora_A [r, in], lora_B [out, r];
@@ -45,15 +46,52 @@ def adapter_module_shapes(adapter_dir: Path) -> dict[str, dict[str, Any]]:
 
 def _adapter_weight_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
     safetensors_file = adapter_dir / ADAPTER_WEIGHTS
-    try:
-        if safetensors_file.is_file():
+    if safetensors_file.is_file():
+        try:
             return tensor_shapes(safetensors_file)
-        import torch
+        except UserError as exc:  # names the file and what is wrong with it
+            raise UserError(f"lora_model_dir: {exc}") from None
+    return {key: tuple(value.shape) for key, value in _load_bin_weights(adapter_dir).items()}
 
-        state = torch.load(adapter_dir / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
-        return {key: tuple(value.shape) for key, value in state.items()}
-    except Exception as exc:  # any unreadable weights file: report it, never a traceback
-        raise UserError(f"lora_model_dir: cannot read the adapter weights in {adapter_dir}: {exc}") from None
+
+def _load_bin_weights(adapter_dir: Path) -> dict[str, Any]:
+    """An older adapter's ``adapter_model.bin`` state dict; any unreadable file is reported naming it."""
+    import torch
+
+    path = adapter_dir / ADAPTER_WEIGHTS_BIN
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged pickle: report it, never a traceback
+        raise UserError(f"lora_model_dir: {path}: cannot read the adapter weights ({exc})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"lora_model_dir: {path}: not a state dict of adapter weights")
+    return state
+
+
+def check_adapter_values(adapter_dir: Path) -> None:
+    """Every adapter tensor readable and finite: continuing NaN/inf weights (a run that diverged) only spreads them."""
+    import torch
+
+    safetensors_file = adapter_dir / ADAPTER_WEIGHTS
+    if safetensors_file.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        _adapter_weight_shapes(adapter_dir)  # the header, checked: names what is wrong with a damaged file
+        try:
+            with safe_open(str(safetensors_file), framework="pt") as handle:
+                tensors = ((key, handle.get_tensor(key)) for key in handle.keys())
+                bad = next((key for key, value in tensors if value.is_floating_point()
+                            and not bool(torch.isfinite(value).all())), None)
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"lora_model_dir: {safetensors_file}: cannot read the adapter weights ({exc})") from None
+        where = safetensors_file
+    else:
+        where = adapter_dir / ADAPTER_WEIGHTS_BIN
+        bad = next((key for key, value in _load_bin_weights(adapter_dir).items() if torch.is_tensor(value)
+                    and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if bad is not None:
+        raise UserError(f"lora_model_dir: {where}: tensor {bad} holds NaN/inf; this adapter cannot be continued (its "
+                        "run diverged?): continue an earlier checkpoint of it instead")
 
 
 # ---- does the adapter belong to this base model? -------------------------------------------------------
@@ -205,9 +243,27 @@ def linear_module_names(model) -> set[str]:
 
 
 def _matching_modules(model, targets: list[str]) -> set[str]:
-    # peft's rule for a list of names: the module path equals the name or ends with ".name"
-    return {name for name, _ in model.named_modules()
-            if any(name == t or name.endswith(f".{t}") for t in targets)}
+    return {name for name, _ in model.named_modules() if any(_targets(name, t) for t in targets)}
+
+
+def _targets(module_name: str, target: str) -> bool:
+    """peft's rule for a list of target names: the module path equals the name or ends with ".name"."""
+    return module_name == target or module_name.endswith(f".{target}")
+
+
+def check_targets_exist(model, config: Config) -> None:
+    """Every ``lora_target_modules`` entry must name some module of the base: peft drops the others silently."""
+    targets = config.lora_target_modules or []
+    names = [name for name, _ in model.named_modules()]
+    missing = [target for target in targets if not any(_targets(name, target) for name in names)]
+    if not missing:
+        return
+    known = short_module_names(set(names) - {""})
+    named = ", ".join(f"'{t}'{did_you_mean(t, known, '')}" for t in missing)
+    raise UserError(
+        f"lora_target_modules: {named} name{'s' if len(missing) == 1 else ''} no module of base_model "
+        f"'{config.base_model}'; its linear layers are {', '.join(short_module_names(linear_module_names(model)))}"
+    )
 
 
 def short_module_names(modules: set[str]) -> list[str]:
