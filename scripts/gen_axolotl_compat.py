@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config import axolotl
-from axlora.config.datasets import DatasetConfig
+from axlora.config.chat_templates import BUILTIN_END_OF_TURN, BUILTIN_TEMPLATES
+from axlora.config.datasets import CONVERSATIONS, LEGACY_TYPES, DatasetConfig
 from axlora.config.hardware import FsdpConfig
 from axlora.config.schema import Config, json_schema
 
@@ -80,9 +81,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _key_table(model, schema: dict[str, Any]) -> list[str]:
+def _key_table(model, schema: dict[str, Any], skip: Any = ()) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for name in model.model_fields:
+        if name in skip:
+            continue
         prop = schema.get(name, {})
         rows.append(f"| `{name}` | {_type(prop)} | {_default(model, name)} | {_cell(prop.get('description', ''))} |")
     return rows
@@ -100,8 +103,9 @@ def render() -> str:
         if section.__doc__:
             lines += [section.__doc__.strip().splitlines()[0], ""]
         lines += _key_table(section, schema["properties"]) + [""]
-    lines += [f"### Keys of each `datasets:` entry ({len(DatasetConfig.model_fields)})", ""]
-    lines += _key_table(DatasetConfig, dataset_schema) + [""]
+    supported_dataset_keys = [k for k in DatasetConfig.model_fields if k not in axolotl.DATASET_REFUSED]
+    lines += [f"### Keys of each `datasets:` entry ({len(supported_dataset_keys)})", ""]
+    lines += _key_table(DatasetConfig, dataset_schema, skip=axolotl.DATASET_REFUSED) + [""]
     lines += [f"### Keys of `fsdp_config:` ({len(FsdpConfig.model_fields)}; Axolotl's `fsdp_` prefixed names too)", ""]
     lines += _key_table(FsdpConfig, schema["$defs"]["FsdpConfig"]["properties"]) + [""]
 
@@ -118,6 +122,8 @@ def render() -> str:
     lines += [f"## Rejected ({len(rejected)})", "", "| key | why | accepted values |", "|---|---|---|"]
     lines += [f"| `{key}` | {_cell(rule.reason)} | {rule.accepted} |" for key, rule in sorted(rejected.items())]
     lines += [""]
+
+    lines += _dataset_section()
 
     lines += ["## Plugins (`plugins:`)", "",
               "Matched by class name, so `axolotl.integrations.liger.LigerPlugin` and `LigerPlugin` are the same.",
@@ -136,6 +142,30 @@ def render() -> str:
     for key, hints in axolotl.VALUE_HINTS.items():
         lines += [f"| `{key}` | `{value}` | {_cell(hint)} |" for value, hint in hints.items()]
     return "\n".join(lines) + "\n"
+
+
+def _code(text: str) -> str:
+    return f"`{_cell(text)}`"
+
+
+def _dataset_section() -> list[str]:
+    """Axolotl's dataset-entry keys and values that axlora refuses or reads differently."""
+    lines = [f"## Dataset entries: refused Axolotl keys ({len(axolotl.DATASET_REFUSED)})", "",
+             "A value that asks for nothing (`false`, empty) is accepted; any other is an error naming the key.", "",
+             "| key | why |", "|---|---|"]
+    lines += [f"| `{key}` | {_cell(why)} |" for key, why in sorted(axolotl.DATASET_REFUSED.items())] + [""]
+    lines += ["## Dataset entries: Axolotl values", "", "| key | Axolotl value | in axlora |", "|---|---|---|"]
+    lines += ["| `type` | a mapping (user-defined prompt format) | refused: write the prompt into the data, use "
+              "`input_output` |"]
+    lines += [f"| `type` | `{name}` | refused: one of Axolotl's older prompt strategies |" for name in LEGACY_TYPES]
+    lines += [f"| `conversation` (sharegpt) | `{name}` | chat_template `{template}` |"
+              for name, template in CONVERSATIONS.items()]
+    lines += ["| `conversation` (sharegpt) | any other | refused, naming the value |"]
+    lines += [f"| `chat_template` | `{name}` | built-in template, ends a turn with "
+              f"{_code(BUILTIN_END_OF_TURN[name]) if BUILTIN_END_OF_TURN[name] else 'the EOS token'} |"
+              for name in BUILTIN_TEMPLATES]
+    lines += ["| `chat_template` | any other name | refused, with the closest built-in name |", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,7 +232,9 @@ def test_tokenizer_without_a_template_needs_one_named(tokenizer):
 @pytest.mark.parametrize(("row", "field", "message"), [
     ({"conversation": []}, "messages", "missing field 'messages'"),
     ({"messages": []}, "messages", "must be a non-empty list"),
-    ({"messages": [{"role": "user", "content": ["a"]}]}, "messages[0].content", "must be text, got list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]", "is a 'image_url' part; only text parts"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content", "must be text or a list of text parts"),
     ({"messages": [{"content": "a"}]}, "messages[0].role", "has no text field 'role'"),
 ])
 def test_chat_row_errors_name_the_field(chat_tokenizer, row, field, message):

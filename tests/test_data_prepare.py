@@ -86,7 +86,8 @@ def test_validation_rows_are_cut_before_tokenizing_and_do_not_depend_on_sequence
 def long_rows(tmp_path):
     path = tmp_path / "mixed.jsonl"
     rows = [{"text": "1+2=3"}] * 6 + [{"text": " ".join(["12345"] * 30)}] * 3
-    rows += [{"segments": [{"text": "nothing to learn", "label": False}]}]
+    rows += [{"segments": [{"text": "nothing to learn", "label": False}]},
+             {"segments": [{"text": "a ", "label": False}, {"text": "b", "label": True}]}]
     write_jsonl(rows[:9], path)
     write_jsonl(rows[9:], tmp_path / "masked.jsonl")
     return [{"path": str(path), "type": "completion"},
@@ -102,9 +103,9 @@ def test_excess_length_strategy_and_its_counts(tmp_path, tokenizer, strategy):
     first, second = report["datasets"]
     assert (first["rows_read"], first["dropped_no_labels"], second["dropped_no_labels"]) == (9, 0, 1)
     if strategy == "drop":
-        assert (first["dropped_too_long"], first["truncated"], report["train_rows"]) == (3, 0, 6)
+        assert (first["dropped_too_long"], first["truncated"], report["train_rows"]) == (3, 0, 7)
     else:
-        assert (first["dropped_too_long"], first["truncated"], report["train_rows"]) == (0, 3, 9)
+        assert (first["dropped_too_long"], first["truncated"], report["train_rows"]) == (0, 3, 10)
     assert max(len(row["input_ids"]) for row in prepared.train) <= 40
     assert report["lengths"]["max"] > 40  # lengths are reported as tokenized, before the rule
 

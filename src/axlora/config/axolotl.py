@@ -266,8 +266,8 @@ REJECTED: dict[str, Rejected] = {
     **_rejected("axlora keeps samples of any length up to sequence_len", "min_sample_len"),
     **_rejected("axlora always tokenizes with the prepared cache", "skip_prepare_dataset"),
     **_rejected(
-        "chat-template options beyond chat_template / chat_template_jinja are not supported",
-        "default_system_message", "eot_tokens", "chat_template_kwargs",
+        "a default system message is not supported; put the system message in the data (or its `system` column)",
+        "default_system_message",
     ),
     **_rejected(
         "re-initialising or renaming vocabulary rows is not supported; add new tokens with tokens:",
@@ -326,6 +326,21 @@ REJECTED["base_model_config"] = Rejected(
     accepts=lambda value, data: not value or value == data.get("base_model"),
     accepted="the same as base_model",
 )
+
+DATASET_REFUSED: dict[str, str] = {
+    "input_transform": "input transforms are not supported; transform the data files first",
+    "preprocess_shards": "axlora prepares data in worker processes (dataset_processes); chunked preprocessing is not "
+    "needed",
+    "input_format": "a prompt format string is not supported; use type: input_output with segments",
+    "field_human": "the old sharegpt field names are not supported; use message_property_mappings",
+    "field_model": "the old sharegpt field names are not supported; use message_property_mappings",
+    "message_field_training_detail": "per-character training spans are not supported; use message_field_training "
+    "(a whole message) or type: input_output",
+    "logprobs_field": "knowledge distillation is not supported",
+    "temperature": "knowledge distillation is not supported",
+    "trust_remote_code": "dataset loading scripts are not run; use data files (JSON, Parquet, CSV, Arrow)",
+}
+"""Axolotl dataset-entry keys axlora refuses (a value that asks for nothing is accepted), and why."""
 
 PLUGINS: dict[str, Plugin] = {
     "LigerPlugin": Plugin("Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)", True),

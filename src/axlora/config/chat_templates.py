@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from axlora.config.chat_template_catalog import CATALOG
 from axlora.core.errors import UserError
 
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -41,17 +42,19 @@ BUILTIN_TEMPLATES: dict[str, str] = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
     ),
+    **{name: text for name, (text, _) in CATALOG.items()},
 }
 """Jinja text of each built-in template (as a tokenizer's ``chat_template`` would hold it)."""
 
-BUILTIN_END_OF_TURN: dict[str, str] = {
+BUILTIN_END_OF_TURN: dict[str, str | None] = {
     "chatml": "<|im_end|>",
     "llama3": "<|eot_id|>",
     "gemma": "<end_of_turn>",
     "phi_3": "<|end|>",
+    **{name: marker for name, (_, marker) in CATALOG.items()},
 }
-"""The marker that ends a turn in each built-in template: trained with ``train_on_eos`` even when the
-tokenizer does not hold it as one special token (then the model learns to write it as text)."""
+"""The marker that ends a turn in each built-in template (None: the EOS token): trained with ``train_on_eos``
+even when the tokenizer does not hold it as one special token (then the model learns to write it as text)."""
 
 TEMPLATE_CHOICES: tuple[str, ...] = ("tokenizer_default", "jinja", *BUILTIN_TEMPLATES)
 FALLBACK_PREFIX = "tokenizer_default_fallback_"

@@ -6,10 +6,11 @@ A dataset key that only some ``type``s read is refused on the other types, never
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from axlora.config.axolotl import DATASET_REFUSED, asks_for_nothing
 from axlora.config.base import StrictModel, known_chat_template
 from axlora.core.suggest import did_you_mean
 
@@ -17,9 +18,26 @@ DatasetType = Literal["alpaca", "chat_template", "sharegpt", "completion", "inpu
 DATASET_TYPES: tuple[str, ...] = get_args(DatasetType)
 
 
+LEGACY_TYPES: tuple[str, ...] = (
+    "alpaca:chat", "alpaca_chat", "alpaca_chat.load_qa", "alpaca_chat.load_concise", "alpaca_chat.load_camel_ai",
+    "alpaca:phi", "alpaca_w_system", "alpaca_w_system.load_open_orca", "sharegpt:chat", "sharegpt_jokes",
+    "sharegpt.load_role", "sharegpt.load_guanaco", "sharegpt.load_ultrachat", "oasst", "gpteacher", "pygmalion",
+    "metharme", "explainchoice", "explainchoice:chat", "concisechoice", "concisechoice:chat", "context_qa",
+    "context_qa.load_v2", "context_qa.load_404", "summarizetldr", "summarizetldr:chat", "jeopardy", "reflection",
+    "creative_acr", "orcamini", "user_defined", "stepwise_supervised", "bradley_terry", "llama2_chat", "orpo.chat_template",
+)
+"""Axolotl's older prompt strategies: refused by name (their prompts are fixed strings of Axolotl's own)."""
+
+CONVERSATIONS: dict[str, str] = {
+    "chatml": "chatml", "llama3": "llama3", "llama-3": "llama3", "gemma": "gemma", "phi3": "phi_3", "phi_3": "phi_3",
+}
+"""Axolotl's sharegpt ``conversation:`` names (FastChat's) that axlora has a template for, and that template."""
+
 _CHAT_KEYS = (
     "chat_template", "chat_template_jinja", "field_messages", "message_property_mappings", "roles", "roles_to_train",
-    "train_on_eos", "message_field_training",
+    "train_on_eos", "message_field_training", "message_field_role", "message_field_content", "field_system",
+    "field_tools", "field_thinking", "template_thinking_key", "split_thinking", "drop_system_message", "train_on_eot",
+    "conversation",
 )
 _KEYS_OF_TYPE = {"chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS, "completion": ("field",)}
 """Dataset keys that only some types read: set on another type, they are an error (never silently ignored)."""
@@ -95,12 +113,84 @@ class DatasetConfig(StrictModel):
         description="chat_template/sharegpt: a message key holding true/false that overrides roles_to_train for "
         "that message.",
     )
+    message_field_role: str | None = Field(
+        default=None, description="chat_template/sharegpt: the message key holding the role (Axolotl's older "
+        "spelling of message_property_mappings.role).",
+    )
+    message_field_content: str | None = Field(
+        default=None, description="chat_template/sharegpt: the message key holding the content (Axolotl's older "
+        "spelling of message_property_mappings.content).",
+    )
+    field_system: str = Field(
+        default="system", description="chat_template/sharegpt: a column whose text becomes the system message when "
+        "the conversation does not start with one.",
+    )
+    field_tools: str = Field(
+        default="tools", description="chat_template/sharegpt: the column holding tool definitions (a list, or JSON "
+        "text), passed to the template as `tools`.",
+    )
+    field_thinking: str = Field(
+        default="reasoning_content", description="chat_template/sharegpt: the message key holding reasoning text.",
+    )
+    template_thinking_key: str = Field(
+        default="reasoning_content", description="chat_template/sharegpt: the message key the chat template reads "
+        "reasoning from.",
+    )
+    split_thinking: bool = Field(
+        default=False, description="chat_template/sharegpt: split <think>...</think> (or <reasoning>, "
+        "<|begin_of_thought|>) out of assistant content into the reasoning key.",
+    )
+    drop_system_message: bool = Field(
+        default=False, description="chat_template/sharegpt: leave out a conversation's leading system message.",
+    )
+    train_on_eot: Literal["turn", "all", "last", "none"] | None = Field(
+        default=None, description="chat_template/sharegpt: like train_on_eos, for the end-of-turn markers that are "
+        "not the EOS token (eot_tokens); default: as train_on_eos.",
+    )
+    conversation: str | None = Field(
+        default=None, description="chat_template/sharegpt: Axolotl's sharegpt template name (chatml, llama3, gemma, "
+        "phi3); the same as chat_template.",
+    )
+    shards: int | None = Field(default=None, gt=0, description="Split the dataset into this many shards, keep one.")
+    shards_idx: int | None = Field(default=None, ge=0, description="Which shard `shards` keeps (default 0).")
+    input_transform: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["input_transform"])
+    preprocess_shards: Any = Field(
+        default=None, description="Axolotl key, refused: " + DATASET_REFUSED["preprocess_shards"]
+    )
+    input_format: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["input_format"])
+    field_human: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["field_human"])
+    field_model: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["field_model"])
+    message_field_training_detail: Any = Field(
+        default=None, description="Axolotl key, refused: " + DATASET_REFUSED["message_field_training_detail"]
+    )
+    logprobs_field: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["logprobs_field"])
+    temperature: Any = Field(default=None, description="Axolotl key, refused: " + DATASET_REFUSED["temperature"])
+    trust_remote_code: Any = Field(
+        default=None, description="Axolotl key, refused: " + DATASET_REFUSED["trust_remote_code"]
+    )
+
+    @field_validator(*DATASET_REFUSED)
+    @classmethod
+    def _refused(cls, value, info: ValidationInfo):
+        if not asks_for_nothing(value):
+            raise ValueError(f"{DATASET_REFUSED[info.field_name]} (Axolotl key); remove it")
+        return None
 
     @field_validator("type", mode="before")
     @classmethod
     def _known_type(cls, value):
         if value == "":
             return None  # Axolotl: an empty `type:` means pre-tokenized rows
+        if isinstance(value, dict):
+            raise ValueError(
+                "a mapping (Axolotl's user-defined prompt format) is not supported; write the prompt into the data "
+                "and use type: input_output (segments with labels), or alpaca"
+            )
+        if isinstance(value, str) and (value in LEGACY_TYPES or ":" in value or "." in value):
+            raise ValueError(
+                f"type '{value}' is one of Axolotl's older prompt strategies, which axlora does not have; use type: "
+                "alpaca (instruction/input/output), completion, input_output, or chat_template with a chat_template"
+            )
         if isinstance(value, str) and value not in DATASET_TYPES:
             raise ValueError(f"unknown type '{value}'{did_you_mean(value, DATASET_TYPES)}")
         return value
@@ -109,6 +199,28 @@ class DatasetConfig(StrictModel):
     @classmethod
     def _known_template(cls, value):
         return known_chat_template(value)
+
+    @field_validator("conversation")
+    @classmethod
+    def _known_conversation(cls, value):
+        if value is not None and value not in CONVERSATIONS:
+            raise ValueError(
+                f"conversation '{value}' has no axlora template (known: {', '.join(CONVERSATIONS)}); set chat_template "
+                "to a built-in name or give chat_template_jinja"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_template_and_shard(self) -> DatasetConfig:
+        if self.conversation is not None and self.chat_template is not None:
+            raise ValueError("conversation and chat_template both name a template; set only chat_template")
+        if self.shards_idx is not None and (self.shards is None or self.shards_idx >= self.shards):
+            raise ValueError("shards_idx must be below shards (and shards must be set)")
+        return self
+
+    def template_setting(self) -> str | None:
+        """This dataset's own ``chat_template`` (``conversation:`` is Axolotl's sharegpt spelling of it)."""
+        return CONVERSATIONS[self.conversation] if self.conversation else self.chat_template
 
     @field_validator("sample")
     @classmethod
@@ -142,13 +254,28 @@ class DataSettings(StrictModel):
     sample_packing: bool = Field(
         default=False, description="Pack several samples into each sequence_len row (no cross-attention)."
     )
-    excess_length_strategy: Literal["drop", "truncate", "raise"] = Field(
-        default="drop",
-        description="Samples longer than sequence_len: drop them, truncate them to sequence_len, or raise an error.",
+    excess_length_strategy: Literal["drop", "truncate", "raise", "split"] | None = Field(
+        default=None,
+        description="Samples longer than sequence_len: drop them, truncate them to sequence_len, split them into "
+        "sequence_len pieces, or raise an error. Default: split for type completion, drop for the others.",
+    )
+    eot_tokens: list[str] | None = Field(
+        default=None,
+        description="Chat datasets: the texts that end a turn, trained after trained turns as train_on_eot says "
+        "(default: the template's end-of-turn marker, the EOS token and end-like special tokens).",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Chat datasets: extra variables for the chat template, e.g. {enable_thinking: false}."
     )
     dataset_processes: int | None = Field(
         default=None, gt=0, description="Processes that prepare large datasets (default: the CPUs available)."
     )
+
+    def length_strategy(self, dataset: DatasetConfig) -> str:
+        """What happens to ``dataset``'s samples over ``sequence_len``: the setting, else its type's default."""
+        if self.excess_length_strategy is not None:
+            return self.excess_length_strategy
+        return "split" if dataset.type == "completion" else "drop"
 
     def val_row_count(self, total: int) -> int:
         """Validation rows of ``total``: ``val_set_size`` as a fraction (<1) or a count (>=1), always leaving a

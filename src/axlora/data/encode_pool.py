@@ -43,13 +43,15 @@ def encode_in_chunks(
     *,
     train_on_inputs: bool,
     processes: int | None,
+    char_limits: Sequence[int | None] | None = None,
 ) -> TokenizedRows:
     """``encode_rows`` over all ``entries``, in order; ``processes`` None: the CPUs available."""
     bounds = [(start, min(start + CHUNK_ROWS, len(entries))) for start in range(0, len(entries), CHUNK_ROWS)]
     wanted = min(processes or available_cpus(), len(entries) // MIN_ROWS_PER_PROCESS)
     if wanted <= 1 or "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
         return TokenizedRows.concat(
-            [encode_rows(entries[a:b], formats, tokenizer, train_on_inputs=train_on_inputs) for a, b in bounds]
+            [encode_rows(entries[a:b], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)
+             for a, b in bounds]
         )
     context = multiprocessing.get_context("fork")
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
@@ -58,7 +60,7 @@ def encode_in_chunks(
     # every page of the inherited rows, which fork otherwise shares.
     gc.freeze()
     try:
-        with context.Pool(wanted, initializer=_start, initargs=((entries, formats, tokenizer, train_on_inputs),)) as pool:
+        with context.Pool(wanted, initializer=_start, initargs=((entries, formats, tokenizer, train_on_inputs, char_limits),)) as pool:
             parts = pool.map(_encode_chunk, bounds, chunksize=1)
     finally:
         gc.unfreeze()
@@ -75,6 +77,6 @@ def _start(job: tuple) -> None:
 
 
 def _encode_chunk(bounds: tuple[int, int]) -> TokenizedRows:
-    entries, formats, tokenizer, train_on_inputs = _job
+    entries, formats, tokenizer, train_on_inputs, char_limits = _job
     start, stop = bounds
-    return encode_rows(entries[start:stop], formats, tokenizer, train_on_inputs=train_on_inputs)
+    return encode_rows(entries[start:stop], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)

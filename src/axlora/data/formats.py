@@ -23,9 +23,10 @@ from axlora.config.chat_templates import read_jinja_setting
 from axlora.config.datasets import DatasetConfig
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
-from axlora.data.chat import DEFAULT_ROLES, chat_format
+from axlora.data.chat import TurnEnds, chat_format, end_of_turn_markers
+from axlora.data.chat_messages import MessageSettings
 from axlora.data.segments import PromptEntry, RawRecord, RowFormat, RowFormatError, Segment, required_text
-from axlora.data.template_choice import TemplateChoiceError, choose_template
+from axlora.data.template_choice import ChatTemplate, TemplateChoiceError, choose_template
 
 __all__ = ["FORMATS", "RowFormatError", "Segment", "alpaca", "alpaca_prompt", "build_format", "build_formats"]
 
@@ -106,8 +107,7 @@ def _pretokenized_prompt(entry: PromptEntry) -> str:
 
 
 def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowFormat:
-    sharegpt = dataset.type == "sharegpt"
-    setting = dataset.chat_template
+    setting = dataset.template_setting()
     jinja = dataset.chat_template_jinja
     if setting is None and jinja is None:
         setting, jinja = config.chat_template, read_jinja_setting(config.chat_template_jinja)
@@ -115,18 +115,37 @@ def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowF
         template = choose_template(setting, jinja, _tokenizer_template(tokenizer))
     except TemplateChoiceError as exc:
         raise UserError(f"datasets[{index}] ({dataset.path}): {exc}.") from None
-    return chat_format(
-        dataset.type or "chat_template",
-        template,
-        tokenizer,
-        field_messages=dataset.field_messages or ("conversations" if sharegpt else "messages"),
-        property_mappings=dataset.message_property_mappings
-        or ({"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}),
-        roles=dataset.roles or DEFAULT_ROLES,
-        roles_to_train=dataset.roles_to_train,
-        train_on_eos=dataset.train_on_eos,
-        message_field_training=dataset.message_field_training,
+    markers = end_of_turn_markers(tokenizer, template, config.eot_tokens)
+    ends = TurnEnds(
+        eos=tokenizer.eos_token, markers=frozenset(markers), train_on_eos=dataset.train_on_eos,
+        train_on_eot=dataset.train_on_eot or dataset.train_on_eos,
     )
+    warnings = _split_markers(tokenizer, template, config, index)
+    return chat_format(
+        dataset.type or "chat_template", template, tokenizer, MessageSettings.of(dataset), dataset.roles_to_train,
+        ends, config.chat_template_kwargs, warnings,
+    )
+
+
+def _split_markers(tokenizer, template: ChatTemplate, config: Config, index: int) -> tuple[str, ...]:
+    """End-of-turn markers the tokenizer splits into several tokens: a warning, an error under ``strict``.
+
+    They are still trained (as text), but a model that stops on one end-of-turn token id never stops.
+    """
+    wanted = config.eot_tokens if config.eot_tokens is not None else [template.end_of_turn]
+    origin = "in eot_tokens" if config.eot_tokens is not None else f"of {template.source}"
+    messages = []
+    for marker in filter(None, wanted):
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            messages.append(
+                f"datasets[{index}]: the end-of-turn marker {marker!r} {origin} is {len(ids)} tokens to "
+                "this tokenizer, not one: it is trained as text, but generation that stops on one token will not "
+                "stop; add it as a special token (special_tokens / tokens)"
+            )
+    if messages and config.strict:
+        raise UserError(messages[0] + " (strict: true).")
+    return tuple(messages)
 
 
 def _tokenizer_template(tokenizer) -> str | None:

@@ -22,6 +22,7 @@ import numpy as np
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data import cache
+from axlora.data.length_rule import COUNTS, apply_length_rule, untrained_datasets
 from axlora.data.rows import TokenizedRows
 from axlora.data.segments import RowFormat
 from axlora.data.sources import Source, load_source, local_files
@@ -58,6 +59,8 @@ def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Cal
 
     files = check_datasets(config)
     formats = build_formats(config, tokenizer)
+    for warning in dict.fromkeys(w for fmt in formats for w in fmt.warnings):
+        log(f"warning: {warning}")
     fingerprint = cache.data_fingerprint(config, tokenizer_fingerprint, formats, files)
     cache_dir = cache.cache_root(config) / fingerprint
     if cache.is_complete(cache_dir):
@@ -89,9 +92,6 @@ def _write(prepared: PreparedData, cache_dir: Path, sequence_len: int) -> None:
 
 def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str) -> PreparedData:
     """Read, take, shuffle, split, tokenize and apply the length rule (no cache involved)."""
-    from axlora.data.encode_pool import encode_in_chunks
-    from axlora.data.report import length_summary, packing_summary, split_summary
-
     sources = [load_source(dataset, config.seed) for dataset in config.datasets]
     entries: list[Entry] = [
         (index, position, row)
@@ -103,25 +103,44 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
     parts = {"val": entries[:val_count], "train": entries[val_count:]}
     if not parts["train"]:
         raise UserError(f"datasets: no training rows (read {len(entries)}, val_set_size takes {val_count}).")
-
-    encoded: dict[str, TokenizedRows] = {}
-    for name, part in parts.items():
-        try:
-            encoded[name] = encode_in_chunks(
-                part, formats, tokenizer, train_on_inputs=config.train_on_inputs, processes=config.dataset_processes
-            )
-        except RowError as exc:
-            raise _located(exc, config, sources) from None
-    tokenized_lengths = np.concatenate([encoded["train"].lengths, encoded["val"].lengths])
+    encoded = _encode(config, tokenizer, formats, sources, parts)
     kept, counts = {}, {}
     for name, rows in encoded.items():
         kept[name], counts[name] = apply_length_rule(rows, config, sources, parts[name])
-    if len(kept["train"]) == 0:
-        raise UserError(
-            f"datasets: no training samples left: all {len(parts['train'])} were too long for sequence_len "
-            f"{config.sequence_len} or had no token to train."
-        )
+    totals = {key: counts["train"][key] + counts["val"][key] for key in COUNTS}
+    untrained = untrained_datasets(config, list(kept.values()), totals, [len(s.rows) for s in sources])
+    if untrained:
+        raise UserError("\n".join(untrained))
+    report = _report(config, formats, sources, encoded, kept, totals)
+    report["fingerprint"] = fingerprint
+    return PreparedData(train=kept["train"], val=kept["val"], fingerprint=fingerprint, report=report)
 
+
+def _encode(config: Config, tokenizer, formats: Sequence[RowFormat], sources: Sequence[Source],
+            parts: dict[str, list[Entry]]) -> dict[str, TokenizedRows]:
+    """Tokenize each part; a bad row stops it, naming every bad row of the datasets in file order."""
+    from axlora.data.encode_pool import encode_in_chunks
+    from axlora.data.tokenize import char_limit
+
+    limit = char_limit(tokenizer, config.sequence_len)
+    limits = [None if config.length_strategy(d) == "split" else limit for d in config.datasets]
+    encoded = {}
+    for name, part in parts.items():
+        try:
+            encoded[name] = encode_in_chunks(
+                part, formats, tokenizer, train_on_inputs=config.train_on_inputs, processes=config.dataset_processes,
+                char_limits=limits,
+            )
+        except RowError as exc:
+            raise bad_rows_error(config, sources, formats, tokenizer, exc) from None
+    return encoded
+
+
+def _report(config: Config, formats: Sequence[RowFormat], sources: Sequence[Source],
+            encoded: dict[str, TokenizedRows], kept: dict[str, TokenizedRows], totals: dict[str, np.ndarray]) -> dict:
+    from axlora.data.report import length_summary, packing_summary, split_summary
+
+    tokenized_lengths = np.concatenate([encoded["train"].lengths, encoded["val"].lengths])
     per_dataset = []
     for index, (dataset, source) in enumerate(zip(config.datasets, sources, strict=True)):
         entry = {
@@ -129,21 +148,19 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
             "rows_read": source.rows_read, "rows_taken": len(source.rows),
             "train_rows": int(np.sum(kept["train"].origin == index)),
             "val_rows": int(np.sum(kept["val"].origin == index)),
+            "length_strategy": config.length_strategy(dataset),
+            "empty_turns": int(sum(np.sum(rows.empty_turns[rows.origin == index]) for rows in encoded.values())),
         }
-        for key in ("dropped_too_long", "truncated", "dropped_no_labels"):
-            entry[key] = int(counts["train"][key][index] + counts["val"][key][index])
+        entry.update({key: int(totals[key][index]) for key in COUNTS})
         per_dataset.append(entry)
-    report = {
-        "fingerprint": fingerprint,
+    return {
         "sequence_len": config.sequence_len,
-        "excess_length_strategy": config.excess_length_strategy,
+        "excess_length_strategy": config.excess_length_strategy or "drop (split for completion)",
         "datasets": per_dataset,
         "rows_read": sum(e["rows_taken"] for e in per_dataset),
         "train_rows": len(kept["train"]),
         "val_rows": len(kept["val"]),
-        "dropped_too_long": sum(e["dropped_too_long"] for e in per_dataset),
-        "truncated": sum(e["truncated"] for e in per_dataset),
-        "dropped_no_labels": sum(e["dropped_no_labels"] for e in per_dataset),
+        **{key: sum(e[key] for e in per_dataset) for key in (*COUNTS, "empty_turns")},
         "train": split_summary(kept["train"]),
         "val": split_summary(kept["val"]),
         "train_tokens": int(kept["train"].lengths.sum()),
@@ -152,40 +169,27 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
         "packing": packing_summary(kept["train"].lengths, config.sequence_len),
         "_tokenized_lengths": tokenized_lengths,
     }
-    return PreparedData(train=kept["train"], val=kept["val"], fingerprint=fingerprint, report=report)
 
 
-def apply_length_rule(
-    rows: TokenizedRows, config: Config, sources: Sequence[Source], entries: Sequence[Entry]
-) -> tuple[TokenizedRows, dict[str, np.ndarray]]:
-    """Drop, truncate or refuse samples over ``sequence_len``; then drop samples with nothing to train.
+def bad_rows_error(
+    config: Config, sources: Sequence[Source], formats: Sequence[RowFormat], tokenizer, first: RowError
+) -> UserError:
+    """Every row its format cannot use, in file order: the first few with file, line and field, and the count.
 
-    Returns the kept rows and, per dataset, how many were dropped or truncated.
+    Rows are tokenized shuffled, so the first failure is random; this pass reads them in order instead.
     """
-    datasets = len(config.datasets)
-    too_long = rows.lengths > config.sequence_len
-    if too_long.any() and config.excess_length_strategy == "raise":
-        first = int(np.argmax(too_long))
-        index, position, _ = entries[first]
-        raise UserError(
-            f"{sources[index].where(position)}: sample has {int(rows.lengths[first])} tokens, more than "
-            f"sequence_len {config.sequence_len} (excess_length_strategy: raise; use drop or truncate, or raise "
-            "sequence_len)."
-        )
-    counts = {"dropped_too_long": np.zeros(datasets, np.int64), "truncated": np.zeros(datasets, np.int64)}
-    key = "truncated" if config.excess_length_strategy == "truncate" else "dropped_too_long"
-    counts[key] = np.bincount(rows.origin[too_long], minlength=datasets)
-    if config.excess_length_strategy == "truncate":
-        rows = rows.truncated(config.sequence_len)
-    else:
-        rows = rows.select(~too_long)
-    no_labels = rows.scored_counts() == 0
-    counts["dropped_no_labels"] = np.bincount(rows.origin[no_labels], minlength=datasets)
-    return rows.select(~no_labels), counts
+    from axlora.data.segments import RowFormatError
+    from axlora.data.sources import problem_list
+    from axlora.data.tokenize import pretokenized
 
-
-def _located(exc: RowError, config: Config, sources: Sequence[Source]) -> UserError:
-    dataset = config.datasets[exc.dataset_index]
-    where = sources[exc.dataset_index].where(exc.position)
-    kind = dataset.type or "empty: pre-tokenized rows"
-    return UserError(f"{where}: {exc} (type {kind}).")
+    problems = []
+    for index, (source, fmt) in enumerate(zip(sources, formats, strict=True)):
+        kind = config.datasets[index].type or "empty: pre-tokenized rows"
+        for position, row in zip(source.positions, source.rows, strict=True):
+            try:
+                pretokenized(row, len(tokenizer)) if fmt.pretokenized else fmt.segments(row)
+            except RowFormatError as exc:
+                problems.append(f"{source.where(position)}: {exc} (type {kind}).")
+    if not problems:  # not reproducible in order (cannot happen with pure formats): name the one that failed
+        problems.append(f"{sources[first.dataset_index].where(first.position)}: {first}.")
+    return UserError(problem_list(problems, "rows"))

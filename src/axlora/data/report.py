@@ -55,11 +55,14 @@ def format_summary(report: dict[str, Any], sample_packing: bool) -> list[str]:
     lines = ["datasets:"]
     for number, entry in enumerate(report["datasets"], start=1):
         taken = f", {entry['rows_taken']:,} taken" if entry["rows_taken"] != entry["rows_read"] else ""
+        extra = f"; split {entry['split_long']:,} long ones into pieces" if entry.get("split_long") else ""
+        if entry.get("empty_turns"):
+            extra += f"; {entry['empty_turns']:,} empty turns not trained"
         lines.append(
             f"  {number}. {entry['path']} (type {entry['type']}, split {entry['split']}): {entry['rows_read']:,} "
             f"read{taken} -> {entry['train_rows']:,} train + {entry['val_rows']:,} val; dropped "
             f"{entry['dropped_too_long']:,} too long, {entry['dropped_no_labels']:,} with nothing to train; "
-            f"truncated {entry['truncated']:,}"
+            f"truncated {entry['truncated']:,}{extra}"
         )
     train, val = report["train"], report["val"]
     share = 100 * train["label_tokens"] / max(train["tokens"], 1)

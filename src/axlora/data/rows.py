@@ -22,8 +22,11 @@ from axlora.core.names import IGNORE_INDEX
 class TokenizedRows(Sequence):
     """Samples ``i`` = ``input_ids[offsets[i]:offsets[i+1]]`` (and the same slice of ``labels``).
 
-    ``origin`` (optional, not saved) tells which ``datasets`` entry each row came from, for the report.
+    ``origin`` (optional, not saved) tells which ``datasets`` entry each row came from, and ``empty_turns``
+    (optional, not saved, as tokenized) how many empty turns its format left untrained: both for the report.
     """
+
+    empty_turns: np.ndarray | None = None
 
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, origin: np.ndarray | None = None):
         if len(input_ids) != len(labels) or offsets[-1] != len(input_ids):
@@ -35,7 +38,9 @@ class TokenizedRows(Sequence):
 
     @classmethod
     def empty(cls) -> TokenizedRows:
-        return cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
+        rows = cls(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32))
+        rows.empty_turns = np.zeros(0, np.int32)
+        return rows
 
     @classmethod
     def from_lists(cls, rows: Sequence[dict[str, Sequence[int]]]) -> TokenizedRows:
@@ -53,12 +58,15 @@ class TokenizedRows(Sequence):
         sizes = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + s for p, s in zip(parts, sizes, strict=True)])
         origins = [p.origin for p in parts]
-        return cls(
+        joined = cls(
             np.concatenate([p.input_ids for p in parts]),
             np.concatenate([p.labels for p in parts]),
             offsets.astype(np.int64),
             None if any(o is None for o in origins) else np.concatenate(origins),
         )
+        if all(p.empty_turns is not None for p in parts):
+            joined.empty_turns = np.concatenate([p.empty_turns for p in parts])
+        return joined
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -105,6 +113,21 @@ class TokenizedRows(Sequence):
         lengths = np.minimum(self.lengths, max_length)
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return TokenizedRows(self.input_ids[token_keep], self.labels[token_keep], offsets, self.origin)
+
+    def split_long(self, max_length: int, split: np.ndarray) -> TokenizedRows:
+        """Rows where ``split`` is true cut into consecutive pieces of ``max_length`` tokens; others unchanged."""
+        lengths = self.lengths
+        pieces = np.where(split, np.maximum(1, -(-lengths // max_length)), 1)
+        first = np.repeat(self.offsets[:-1], pieces)
+        rank = np.arange(int(pieces.sum())) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+        ends = np.repeat(self.offsets[1:], pieces)
+        starts = np.where(np.repeat(split, pieces), first + rank * max_length, first)
+        stops = np.where(np.repeat(split, pieces), np.minimum(starts + max_length, ends), ends)
+        sizes = stops - starts
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        token_index = np.arange(offsets[-1]) + np.repeat(starts - offsets[:-1], sizes)
+        origin = None if self.origin is None else np.repeat(self.origin, pieces)
+        return TokenizedRows(self.input_ids[token_index], self.labels[token_index], offsets, origin)
 
     def save(self, path: Path) -> None:
         """Write an Arrow IPC stream with ``input_ids`` and ``labels`` list columns."""

@@ -19,6 +19,15 @@ class Segment:
     trainable: bool
 
 
+class FormattedRow(list):
+    """A row's ``Segment``s, with what the format left out of training on purpose (for the report)."""
+
+    def __init__(self, segments=(), empty_turns: int = 0):
+        super().__init__(segments)
+        self.empty_turns = empty_turns
+        """Trained-role turns with nothing to train (empty content): not trained, counted in the report."""
+
+
 class RowFormatError(ValueError):
     """A row lacks what its format needs; ``prepare`` adds the file and line (or row index).
 
@@ -57,6 +66,8 @@ class RowFormat:
     pretokenized: bool = False
     settings: dict[str, Any] | None = None
     """What changes this format's output beyond the dataset's own keys (e.g. the template text): cache key."""
+    warnings: tuple[str, ...] = ()
+    """Problems found when the format was built (e.g. an end-of-turn marker that is not one token)."""
 
 
 def required_text(row: RawRecord, field: str) -> str:

@@ -15,6 +15,7 @@ run and does not change when other datasets are added.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
@@ -57,6 +58,10 @@ def local_files(dataset: DatasetConfig) -> list[Path]:
         return []  # a Hugging Face dataset name
     if path.is_file():
         files = [path]
+    elif not path.is_dir():
+        raise UserError(
+            f"{path}: not a regular file or a directory (a FIFO, socket or device); data is read from files on disk."
+        )
     elif dataset.data_files is not None:
         patterns = [dataset.data_files] if isinstance(dataset.data_files, str) else dataset.data_files
         files = sorted({p for pattern in patterns for p in path.glob(pattern) if p.is_file()})
@@ -86,12 +91,22 @@ def load_source(dataset: DatasetConfig, seed: int) -> Source:
     if files:
         start, stop = split_range(dataset.split, source.rows_read, where=dataset.path)
         source.rows, source.positions = source.rows[start:stop], list(range(start, stop))
+    if dataset.shards is not None:
+        start, stop = shard_range(len(source.rows), dataset.shards, dataset.shards_idx or 0)
+        source.rows, source.positions = source.rows[start:stop], source.positions[start:stop]
     if dataset.sample is not None:
         count = sample_count(dataset.sample, len(source.rows))
         picked = sorted(random.Random(f"{seed}:{dataset.path}").sample(range(len(source.rows)), count))
         source.rows = [source.rows[i] for i in picked]
         source.positions = [source.positions[i] for i in picked]
     return source
+
+
+def shard_range(total: int, shards: int, index: int) -> tuple[int, int]:
+    """Rows of shard ``index`` of ``shards`` contiguous ones, as ``datasets.Dataset.shard(contiguous=True)``."""
+    size, rest = divmod(total, shards)
+    start = index * size + min(index, rest)
+    return start, start + size + (1 if index < rest else 0)
 
 
 def sample_count(sample: float, available: int) -> int:
@@ -141,6 +156,8 @@ def _read_local(dataset: DatasetConfig, files: list[Path]) -> Source:
         starts.append(len(rows))
         kind = _file_type(file, dataset)
         file_rows, file_lines = READERS[kind](file)
+        if not file_rows:
+            raise UserError(f"{file}: the data file holds no rows.")
         rows.extend(file_rows)
         lines.append(file_lines)
 
@@ -155,20 +172,31 @@ def _read_local(dataset: DatasetConfig, files: list[Path]) -> Source:
     return Source(rows, list(range(len(rows))), len(rows), files, locate)
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8 (a leading BOM dropped); invalid bytes and empty files are errors naming it."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise UserError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); save the file as UTF-8."
+        ) from None
+    if not text.strip():
+        raise UserError(f"{path}: the data file is empty.")
+    return text
+
+
 def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """JSON Lines (one object per line) or a JSON array of objects; errors name the line."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
-        for index, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise UserError(f"{path}: row {index + 1}: expected a JSON object, got {type(item).__name__}.")
-        return data, None
-    rows, numbers = [], []
+    """JSON Lines (one object per line), a JSON array of objects, or one JSON object; errors name the line."""
+    text = read_text(path)
+    start = text.lstrip()[:1]
+    if start == "[" or (start == "{" and "\n" in text.strip()):
+        whole = _whole_json(path, text, lines_follow=start == "{")
+        if whole is not None:
+            return whole
+    rows, numbers, problems = [], [], []
     decode = json.JSONDecoder().decode
     # split on newlines only: JSON strings may hold U+2028, which str.splitlines() would also split on
     for number, line in enumerate(text.split("\n"), start=1):
@@ -177,32 +205,68 @@ def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         try:
             value = decode(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
+            problems.append(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno}).")
+            continue
         if not isinstance(value, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}.")
+            problems.append(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}.")
+            continue
         rows.append(value)
         numbers.append(number)
+    if problems:
+        raise UserError(problem_list(problems, "lines"))
     return rows, numbers
+
+
+def _whole_json(path: Path, text: str, lines_follow: bool) -> tuple[list[dict[str, Any]], list[int] | None] | None:
+    """The file as one JSON document: an array of objects, or one object (one row). None: JSON Lines after all."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if lines_follow and _parses(text.lstrip().split("\n", 1)[0]):  # JSON Lines: read line by line
+            return None
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
+    if isinstance(data, dict):
+        return [data], [text.count("\n", 0, text.index("{")) + 1]
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: row {index + 1}: expected a JSON object, got {type(item).__name__}.")
+    return data, None
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def problem_list(problems: list[str], what: str, shown: int = 5) -> str:
+    """One problem as it is; several as a count and the first ``shown``, in file order."""
+    if len(problems) == 1:
+        return problems[0]
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return f"{len(problems)} {what} cannot be used (the first {min(shown, len(problems))}, in file order):\n  " + (
+        "\n  ".join(problems[:shown]) + more
+    )
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     rows, numbers = [], []
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        reader = csv.DictReader(handle)
-        start = 2
-        try:
-            for row in reader:
-                rows.append({k: v for k, v in row.items() if k is not None})
-                numbers.append(start)
-                start = reader.line_num + 1
-        except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num}: not valid CSV: {exc}.") from None
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    start = 2
+    try:
+        for row in reader:
+            rows.append({k: v for k, v in row.items() if k is not None})
+            numbers.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV: {exc}.") from None
     return rows, numbers
 
 
 def _read_text(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        lines = handle.read().splitlines()
+    lines = read_text(path).splitlines()
     return [{"text": line} for line in lines], list(range(1, len(lines) + 1))
 
 

@@ -33,24 +33,30 @@ def choose_template(
     if setting is None:
         setting = "jinja" if jinja_text else "tokenizer_default"
     if is_jinja(setting):
-        return ChatTemplate(setting, "the Jinja template in chat_template")
+        return _given(setting, "the Jinja template in chat_template")
     if setting == "jinja":
         if not jinja_text:
             raise TemplateChoiceError("chat_template: jinja needs the template text in chat_template_jinja")
-        return ChatTemplate(jinja_text, "chat_template_jinja")
+        return _given(jinja_text, "chat_template_jinja")
     if setting == "tokenizer_default":
         if not tokenizer_template:
             raise TemplateChoiceError(
                 "chat_template: the tokenizer has no chat template (tokenizer_default); set chat_template to a "
-                f"built-in ({', '.join(BUILTIN_TEMPLATES)}) or give chat_template_jinja"
+                "built-in name (chatml, llama3, qwen_25, ...) or give chat_template_jinja"
             )
-        return ChatTemplate(tokenizer_template, "the tokenizer's chat template")
+        return _given(tokenizer_template, "the tokenizer's chat template")
     if setting.startswith(FALLBACK_PREFIX):
         name = setting[len(FALLBACK_PREFIX):]
         if tokenizer_template:
-            return ChatTemplate(tokenizer_template, "the tokenizer's chat template")
+            return _given(tokenizer_template, "the tokenizer's chat template")
         return _builtin(name)
     return _builtin(setting)
+
+
+def _given(text: str, source: str) -> ChatTemplate:
+    """A template given as text: its end-of-turn marker is the first known one it writes (chatml's, ...)."""
+    found = [(text.find(marker), marker) for marker in set(BUILTIN_END_OF_TURN.values()) if marker and marker in text]
+    return ChatTemplate(text, source, min(found)[1] if found else None)
 
 
 def _builtin(name: str) -> ChatTemplate:

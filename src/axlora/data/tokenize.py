@@ -43,22 +43,61 @@ class RowError(Exception):
 
 
 def encode_rows(
-    entries: Sequence[Entry], formats: Sequence[RowFormat], tokenizer, *, train_on_inputs: bool
+    entries: Sequence[Entry],
+    formats: Sequence[RowFormat],
+    tokenizer,
+    *,
+    train_on_inputs: bool,
+    char_limits: Sequence[int | None] | None = None,
 ) -> TokenizedRows:
-    """Tokenize ``entries`` (not truncated); ``origin`` holds each row's dataset index."""
+    """Tokenize ``entries``; ``origin`` holds each row's dataset index, ``empty_turns`` what its format skipped.
+
+    ``char_limits`` (per dataset): a row's text beyond that many characters is cut before tokenizing, so an
+    enormous row costs time and memory bounded by the limit (``char_limit`` picks one far enough beyond
+    ``sequence_len`` that the row is still seen as too long, and its first tokens are unchanged).
+    """
     plan = _Plan(tokenizer, train_on_inputs)
-    for dataset_index, position, row in entries:
+    empty_turns = np.zeros(len(entries), dtype=np.int32)
+    for number, (dataset_index, position, row) in enumerate(entries):
         fmt = formats[dataset_index]
         try:
             if fmt.pretokenized:
                 plan.add_tokens(*pretokenized(row, len(tokenizer)))
             else:
-                plan.add_segments(fmt, fmt.segments(row))
+                segments = fmt.segments(row)
+                empty_turns[number] = getattr(segments, "empty_turns", 0)
+                limit = char_limits[dataset_index] if char_limits else None
+                plan.add_segments(fmt, cut_segments(segments, limit) if limit else segments)
         except RowFormatError as exc:
             raise RowError(dataset_index, position, exc.field, str(exc)) from None
     rows = plan.encode()
     rows.origin = np.fromiter((e[0] for e in entries), dtype=np.int32, count=len(entries))
+    rows.empty_turns = empty_turns
     return rows
+
+
+def char_limit(tokenizer, sequence_len: int) -> int:
+    """Characters that always hold more than ``sequence_len`` tokens' worth of text, with a margin.
+
+    No token covers more characters than the longest vocabulary entry (byte-level entries spell a byte per
+    character, so they overcount), so the first ``sequence_len`` tokens of a text lie within
+    ``sequence_len * longest`` characters; twice that plus a constant leaves the cut far from them.
+    """
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return 2 * (sequence_len + 64) * max(longest, 4)
+
+
+def cut_segments(segments: Sequence[Segment], limit: int) -> list[Segment]:
+    """``segments`` with their joined text cut to its first ``limit`` characters."""
+    if sum(len(s.text) for s in segments) <= limit:
+        return list(segments)
+    out, left = [], limit
+    for segment in segments:
+        if left <= 0:
+            break
+        out.append(Segment(segment.text[:left], segment.trainable))
+        left -= len(segment.text)
+    return out
 
 
 class _Plan:
