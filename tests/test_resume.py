@@ -1,4 +1,5 @@
-"""Exact resume through the real CLI: SIGKILL after a checkpoint, resume, compare bitwise with a clean run.
+"""Exact resume through the real CLI: SIGKILL after a checkpoint (or Ctrl-C, which saves the step in flight),
+resume, compare bitwise with a clean run.
 
 Also: a killed save is never trusted, ``save_total_limit`` prunes, ``auto`` with nothing to resume starts
 fresh and says so, a changed dataset or batch shape is refused with the two ways forward, and early
@@ -263,3 +264,22 @@ def test_a_fresh_run_sets_an_earlier_run_s_checkpoints_aside(make_config, tmp_pa
     assert (out / "checkpoints-earlier-1" / "step-2" / WEIGHTS).read_bytes() == earlier
     assert [p.name for p in RunLayout(out).complete_checkpoints()] == ["step-2"]
     assert (out / "checkpoints" / "step-2" / WEIGHTS).read_bytes() != earlier  # the second run's own
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_in_flight_and_the_resume_is_exact(tmp_path, uninterrupted, tiny_model_dir,
+                                                                 alpaca_file):
+    from test_run_signals import TrainingProcess, stopped_step
+
+    config = write_config(tmp_path / "config.yml", tiny_model_dir, alpaca_file)
+    run = TrainingProcess(str(config))
+    run.wait_for("step 7/40")
+    run.send(signal.SIGINT)
+    assert run.finish() == 130, run.output[-3000:]
+    step = stopped_step(run.output)
+    assert 7 <= step < 40 and f"saved {tmp_path / 'out' / 'checkpoints' / f'step-{step}'}" in run.output
+    result = run_cli("train", str(config), "--resume_from_checkpoint", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from checkpoints/step-{step} at step {step}/40" in result.stdout
+    clean, again = load_file(uninterrupted / "final" / WEIGHTS), load_file(tmp_path / "out" / "final" / WEIGHTS)
+    assert all(torch.equal(tensor, again[key]) for key, tensor in clean.items())

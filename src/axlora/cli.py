@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from axlora import __version__
 from axlora.core.errors import RunFailed, UserError
+from axlora.core.interrupt import RunInterrupted
 
 EXAMPLES = {
     "train": """examples:
@@ -145,8 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RunInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("aborted: interrupted at once; the work since the last checkpoint is lost", file=sys.stderr)
         return 130
 
 

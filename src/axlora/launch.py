@@ -11,19 +11,29 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from axlora.config.schema import Config
+from axlora.core.atomic import recover_directory
 from axlora.core.errors import RunFailed, UserError
+from axlora.core.interrupt import RunInterrupted
+from axlora.core.layout import RunLayout
+from axlora.core.run_lock import run_lock
+from axlora.core.write_errors import reported_write_errors
 
 _LAUNCHER_ENV = ("LOCAL_RANK", "WORLD_SIZE", "ACCELERATE_PROCESS_ID")
 # where workers leave their exit status and error: the launcher prints each error once (not once per rank)
 # and reports 2 when a worker refused bad input, although accelerate/torchrun exit 1 for any failed worker
 _STATUS_DIR_ENV = "AXLORA_WORKER_STATUS_DIR"
+# set by the launching ``axlora train``, which holds the output_dir lock for its workers
+_LOCK_HELD_ENV = "AXLORA_RUN_LOCK_HELD_BY"
 
 
 def under_launcher() -> bool:
@@ -135,25 +145,71 @@ def accelerate_arguments(layout: ProcessLayout, config_path: Path, overrides: li
 
 
 def train(config: Config, config_path: Path, overrides: list[str], log=print) -> int:
-    """Train in-process, or prepare the data once and launch the workers; returns the exit status."""
-    if under_launcher():
-        from axlora.train.recipe import run_training
+    """Train in-process, or prepare the data once and launch the workers; returns the exit status.
 
-        try:
+    The process that starts the run holds the ``output_dir`` lock for all of it (workers it launches do not
+    lock again), taken before anything is written there. A write the disk refuses, at any stage, is bad input.
+    """
+    resume = resume_command(config_path, overrides)
+    try:
+        if under_launcher():
+            return _train_as_worker(config, log)
+        layout = process_layout(config)
+        with reported_write_errors(Path(config.output_dir)), _output_dir_lock(config, layout.machine_rank == 0, log):
+            if layout.world_size == 1:
+                from axlora.train.recipe import run_training
+
+                if layout.needs_process_group:
+                    _become_single_worker(layout)
+                run_training(config)
+                return 0
+            return _launch_workers(config, layout, config_path, overrides, log)
+    except RunInterrupted as exc:
+        raise RunInterrupted(exc.signum, f"{exc}\nResume with:\n  {resume}") from None
+
+
+def resume_command(config_path: Path, overrides: list[str]) -> str:
+    """``axlora train CONFIG --resume_from_checkpoint auto`` with the user's other overrides, ready to paste."""
+    kept, skip = [], False
+    for argument in overrides:
+        if skip:
+            skip = False
+        elif argument == "--resume_from_checkpoint":
+            skip = True
+        elif not argument.startswith("--resume_from_checkpoint="):
+            kept.append(argument)
+    return shlex.join(["axlora", "train", str(config_path), "--resume_from_checkpoint", "auto", *kept])
+
+
+def _train_as_worker(config: Config, log) -> int:
+    """A worker: rank 0 locks ``output_dir`` unless the launching ``axlora train`` holds the lock already."""
+    from axlora.train.recipe import run_training
+
+    holds_lock = _LOCK_HELD_ENV not in os.environ and os.environ.get("RANK", "0") == "0"
+    try:
+        with reported_write_errors(Path(config.output_dir)), _output_dir_lock(config, holds_lock, log):
             run_training(config)
-        except (UserError, RunFailed) as exc:
-            if _leave_status(exc.exit_code, str(exc)):
-                return exc.exit_code  # the launcher prints it, once for all ranks
-            raise
-        return 0
-    layout = process_layout(config)
-    if layout.world_size == 1:
-        from axlora.train.recipe import run_training
+    except (UserError, RunFailed, RunInterrupted) as exc:
+        if _leave_status(exc.exit_code, str(exc)):
+            return exc.exit_code  # the launcher prints it, once for all ranks
+        raise
+    return 0
 
-        if layout.needs_process_group:
-            _become_single_worker(layout)
-        run_training(config)
-        return 0
+
+@contextmanager
+def _output_dir_lock(config: Config, holds: bool, log) -> Iterator[None]:
+    """Hold ``output_dir``'s run lock (when ``holds``); then restore a ``final/`` a killed replacement hid."""
+    if not holds:
+        yield
+        return
+    layout = RunLayout(Path(config.output_dir))
+    with run_lock(layout.lock, log):
+        recover_directory(layout.final, log)
+        yield
+
+
+def _launch_workers(config: Config, layout: ProcessLayout, config_path: Path, overrides: list[str], log) -> int:
+    """Prepare the data once, start the workers under accelerate, and report their outcome once."""
     if layout.machine_rank == 0:
         prepared = prepare_once(config, log)
         check_resume(config, layout, prepared.fingerprint)
@@ -164,13 +220,38 @@ def train(config: Config, config_path: Path, overrides: list[str], log=print) ->
         + shlex.join([sys.executable, "-m", "accelerate.commands.launch", *arguments]))
     command = [sys.executable, "-m", "axlora.launch_workers", *arguments]
     with tempfile.TemporaryDirectory(prefix="axlora-workers-") as status_dir:
-        returncode = subprocess.run(command, check=False, env={**os.environ, _STATUS_DIR_ENV: status_dir}).returncode
+        env = {**os.environ, _STATUS_DIR_ENV: status_dir, _LOCK_HELD_ENV: str(os.getpid())}
+        returncode = run_forwarding_signals(command, env)
         statuses = [json.loads(path.read_text()) for path in sorted(Path(status_dir).glob("rank-*"))]
-    for message in dict.fromkeys(status["message"] for status in statuses):
+    messages = list(dict.fromkeys(status["message"] for status in statuses))
+    codes = {status["exit_code"] for status in statuses}
+    stopped = sorted(code for code in codes if code > 128)
+    if stopped:
+        raise RunInterrupted(stopped[-1] - 128, "\n".join(messages))
+    for message in messages:
         print(f"error: {message}", file=sys.stderr)
-    if returncode and UserError.exit_code in {status["exit_code"] for status in statuses}:
+    if returncode and UserError.exit_code in codes:
         return UserError.exit_code
     return returncode
+
+
+def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
+    """Run the workers' launcher in its own session and pass it each SIGINT / SIGTERM this process gets.
+
+    A terminal's Ctrl-C then reaches the workers once (through ``launch_workers``), and so does a SIGTERM sent
+    to this process alone (Kubernetes signals only a container's first process).
+    """
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _leave_status(exit_code: int, message: str) -> bool:

@@ -4,6 +4,8 @@
       final/                 the adapter, tokenizer, axlora.yml and train_summary.json
       checkpoints/step-N/    full training state, published by one rename when complete
       checkpoints-earlier-K/ an earlier run's checkpoints, set aside by a fresh run
+      logs-earlier-K/        an earlier run's logs, set aside by a fresh run
+      run.lock               the running run's pid, host and start time (one run per output_dir)
       merged/                merge-lora's plain model
       logs/                  metrics.jsonl, tensorboard events, the loss curve
       prepared/              the tokenized-data cache (unless dataset_prepared_path says elsewhere)
@@ -56,6 +58,14 @@ class RunLayout:
 
     def earlier_checkpoints(self, index: int) -> Path:
         return self.root / f"checkpoints-earlier-{index}"
+
+    def earlier_logs(self, index: int) -> Path:
+        return self.root / f"logs-earlier-{index}"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the run writing this directory (pid, host, start time); see ``core.run_lock``."""
+        return self.root / "run.lock"
 
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first.

@@ -18,10 +18,12 @@ from typing import Any
 import yaml
 
 from axlora.config.schema import Config
-from axlora.core.atomic import atomic_directory
+from axlora.core.atomic import atomic_directory, recover_directory
 from axlora.core.errors import UserError
 from axlora.core.layout import CHECKPOINT_STATE, RunLayout
 from axlora.core.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RESOLVED_CONFIG
+from axlora.train.checkpoint_verify import FILES_KEY, checkpoint_problem, file_record
+from axlora.train.divergence import require_finite
 from axlora.train.parallel import check_complete
 
 BEST_ADAPTER = "best_adapter.safetensors"
@@ -124,7 +126,9 @@ def save_adapter(peft_model, directory: Path) -> None:
     """``save_pretrained``, after checking that no tensor is empty (a ZeRO-3 slice read without gathering)."""
     from peft import get_peft_model_state_dict
 
-    check_complete(get_peft_model_state_dict(peft_model), str(directory))
+    state = get_peft_model_state_dict(peft_model)
+    check_complete(state, str(directory))
+    require_finite(state, str(directory))
     peft_model.save_pretrained(directory)
 
 
@@ -177,7 +181,7 @@ def save_checkpoint(
                 if best_adapter is not None:
                     save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
                 write_resolved_config(config, tmp / RESOLVED_CONFIG)
-                state = {"step": step, "resume_key": asdict(resume_key), **extra_state}
+                state = {"step": step, "resume_key": asdict(resume_key), **extra_state, FILES_KEY: file_record(tmp)}
                 # written last inside the temporary dir; the rename publishes the whole checkpoint at once
                 (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=2))
             shutil.rmtree(staging, ignore_errors=True)
@@ -189,25 +193,38 @@ def save_checkpoint(
 
 
 def resolve_resume(config: Config, log=print) -> Path | None:
-    """The checkpoint ``resume_from_checkpoint`` names (``auto``: newest complete one, or none yet)."""
+    """The checkpoint ``resume_from_checkpoint`` names, verified (``auto``: the newest intact one, or none yet)."""
     value = config.resume_from_checkpoint
     if value is None:
         return None
     if value == "auto":
-        found = RunLayout(Path(config.output_dir)).complete_checkpoints()
-        if not found:
-            log(f"resume: auto found no complete checkpoint under {config.output_dir}/checkpoints; "
-                "starting fresh")
-            return None
-        log(f"resume: auto picked the newest complete checkpoint, checkpoints/{found[-1].name}")
-        return found[-1]
+        return _newest_intact(RunLayout(Path(config.output_dir)), log)
     path = Path(value)
     if not (path / CHECKPOINT_STATE).is_file():
         raise UserError(
             f"resume_from_checkpoint: '{path}' is not a complete axlora checkpoint (no {CHECKPOINT_STATE}); "
             "expected output_dir/checkpoints/step-N or auto."
         )
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"resume_from_checkpoint: {path} is damaged: {problem}. Name an earlier checkpoint, or "
+                        "use auto, which takes the newest intact one.")
     return path
+
+
+def _newest_intact(layout: RunLayout, log) -> Path | None:
+    """The newest complete checkpoint that verifies; each newer damaged one is named with its problem."""
+    found = layout.complete_checkpoints()
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            newest = " (the newest intact one)" if path != found[-1] else ""
+            log(f"resume: auto picked the newest complete checkpoint, checkpoints/{path.name}{newest}")
+            return path
+        log(f"resume: skipped checkpoints/{path.name}: {problem}")
+    what = "no intact checkpoint" if found else "no complete checkpoint"
+    log(f"resume: auto found {what} under {layout.checkpoints}; starting fresh")
+    return None
 
 
 def read_checkpoint_state(path: Path, resume_key: ResumeKey) -> dict[str, Any]:
@@ -287,7 +304,7 @@ def set_aside_earlier_checkpoints(output_dir: Path, log=print) -> Path | None:
     training. Moved aside, they can still be resumed (``resume_from_checkpoint: <that dir>/step-N``).
     Half-written saves are never trusted and are removed. Returns where the checkpoints went.
     """
-    remove_unfinished_saves(output_dir)
+    remove_unfinished_saves(output_dir, log)
     earlier = RunLayout(output_dir).complete_checkpoints()
     if not earlier:
         return None
@@ -303,13 +320,22 @@ def set_aside_earlier_checkpoints(output_dir: Path, log=print) -> Path | None:
     return target
 
 
-def remove_unfinished_saves(output_dir: Path) -> None:
-    """Delete ``.step-N.tmp-PID`` / ``.step-N.old-PID`` left by a save that was killed (never trusted anyway)."""
+def remove_unfinished_saves(output_dir: Path, log=print) -> None:
+    """Tidy what killed saves left in ``checkpoints/``: restore, delete, never lose a complete checkpoint.
+
+    ``.step-N.old-PID`` is a complete checkpoint a replacement had set aside when it was killed: put back
+    where ``step-N`` is missing (and said so), else deleted. ``.step-N.tmp-PID`` was never complete: deleted
+    (the run lock guarantees no other run is still writing it).
+    """
     root = RunLayout(output_dir).checkpoints
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".step-") and (".tmp-" in child.name or ".old-" in child.name):
-                shutil.rmtree(child, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for child in list(root.iterdir()):
+        if child.name.startswith(".step-") and ".old-" in child.name:
+            recover_directory(root / child.name[1:child.name.index(".old-")], log)
+    for child in list(root.iterdir()):
+        if child.name.startswith(".step-") and (".tmp-" in child.name or ".old-" in child.name):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def load_adapter_weights(peft_model, checkpoint_dir: Path) -> None:

@@ -7,19 +7,29 @@ import math
 from pathlib import Path
 from typing import Any
 
+from axlora.core.atomic import atomic_write_text, filesystem_error, make_directory
+from axlora.core.layout import RunLayout
+
 
 class MetricsLog:
-    """Appends one JSON object per logged step; a resumed run drops rows after its checkpoint's step."""
+    """Appends one JSON object per logged step to ``logs/metrics.jsonl``.
 
-    def __init__(self, logs_dir: Path, resume_step: int = 0, enabled: bool = True):
+    A resumed run keeps the rows up to its checkpoint's step: when later rows (or a line torn by a kill) must
+    go, the kept rows are written to a new file that replaces the old one by rename, so a kill at that moment
+    leaves the old file or the new one, never an empty or half-written one. A fresh run starts an empty log
+    (an earlier run's logs are set aside first, see ``set_aside_earlier_logs``).
+    """
+
+    def __init__(self, logs_dir: Path, resume_step: int = 0, enabled: bool = True, say=print):
         self.enabled = enabled
         self.path = logs_dir / "metrics.jsonl"
         self.logs_dir = logs_dir
+        self.say = say
         self._writer = None
         if not enabled:
             return
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_after(resume_step)
+        make_directory(logs_dir)
+        self._cut_back_to(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -27,25 +37,48 @@ class MetricsLog:
         except ImportError:  # tensorboard is optional at run time
             self._writer = None
 
-    def _truncate_after(self, step: int) -> None:
+    def _cut_back_to(self, step: int) -> None:
         if not self.path.exists():
             return
         if step == 0:
             self.path.unlink()
             return
-        kept = [line for line in self.read() if line.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        rows, torn = self._read_rows()
+        kept = [row for row in rows if row.get("step", 0) <= step]
+        if torn:
+            self.say(f"note: {self.path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn))}; "
+                     "a write cut short by a kill)")
+        if torn or len(kept) < len(rows):
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def _read_rows(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """The rows, and the numbers of lines that are not a JSON object (torn by a kill mid-write)."""
+        rows, torn = [], []
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                torn.append(number)
+        return rows, torn
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self._read_rows()[0]
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            raise (filesystem_error(exc, self.path) or exc) from None
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
@@ -82,3 +115,20 @@ class MetricsLog:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def set_aside_earlier_logs(layout: RunLayout, say=print) -> Path | None:
+    """A fresh run moves an earlier run's ``logs/`` to ``logs-earlier-N/``: its metrics and events never mix
+    with this run's, and they stay beside the earlier ``final/`` they describe should this run fail."""
+    try:
+        if not (layout.logs.is_dir() and any(layout.logs.iterdir())):
+            return None
+    except OSError:
+        return None
+    index = 1
+    while layout.earlier_logs(index).exists():
+        index += 1
+    target = layout.earlier_logs(index)
+    layout.logs.rename(target)
+    say(f"logs: this run starts fresh; the earlier run's logs are moved to {target}")
+    return target

@@ -77,6 +77,15 @@ class DataParallel:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag: true on any process. Every process gets the same answers, so all act alike."""
+        if self.world_size == 1:
+            return tuple(flags)
+        import torch
+
+        counts = torch.tensor([int(flag) for flag in flags], device=self.accelerator.device)
+        return tuple(bool(count) for count in self.accelerator.reduce(counts, reduction="sum").tolist())
+
     def micro_step(self, last: bool):
         """Context for one micro batch's forward and backward; gradients are all-reduced on the last."""
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)

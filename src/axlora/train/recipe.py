@@ -4,13 +4,16 @@ A small loop on accelerate rather than transformers' Trainer, because the proper
 need control of each step: the loss of an optimizer step is the sum of token losses over all its micro
 batches (and processes) divided by the step's global label-token count, so micro batch size, gradient
 accumulation, packing and process count do not change what is optimized; the data position is a pure
-function of the step, so a resumed run is bitwise the uninterrupted one; and every directory a later run
-trusts is written atomically.
+function of the step, so a resumed run is bitwise the uninterrupted one; every directory a later run
+trusts is written atomically; a step that produces non-finite numbers stops the run before anything of it
+is written (``divergence``); and SIGINT / SIGTERM end the run after the step in flight and a checkpoint of it
+(``stop_requests``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import Config
+from axlora.core.interrupt import RunInterrupted, signal_name
 from axlora.core.layout import RunLayout
 from axlora.model.adapter_choice import AdapterChoice, resolve_adapter
 from axlora.model.machine import require_machine_support
@@ -25,6 +29,7 @@ from axlora.train import checkpoint as ckpt
 from axlora.train.completions import generate_completions, sample_prompt_texts
 from axlora.train.data_order import DataOrder
 from axlora.train.data_setup import TrainingData, check_eval_settings, lay_out_rows, prepare_rows
+from axlora.train.divergence import check_step, weights_finite
 from axlora.train.early_stopping import EarlyStopping
 from axlora.train.final import build_summary, print_completions, write_final
 from axlora.train.intervals import evaluates_at, saves_at
@@ -37,6 +42,7 @@ from axlora.train.progress import Progress
 from axlora.train.resume import Resume, decide_resume, load_checkpoint_adapter, restore_training_state
 from axlora.train.runtime import Runtime, start_runtime
 from axlora.train.step import StepResult, evaluate, train_step
+from axlora.train.stop_requests import StopRequests
 
 
 @dataclass
@@ -46,11 +52,17 @@ class RunResult:
 
 
 def run_training(config: Config, log=print) -> RunResult:
-    """Train the LoRA the config describes and write ``output_dir`` (see the design's Outputs)."""
-    run = TrainingRun(config, log)
-    run.setup()
-    run.train()
-    return run.finish()
+    """Train the LoRA the config describes and write ``output_dir`` (see the design's Outputs).
+
+    SIGINT / SIGTERM during the steps end the current one, save a checkpoint and raise ``RunInterrupted``.
+    """
+    with StopRequests(log) as stop:
+        run = TrainingRun(config, log, stop)
+        run.setup()
+        stop.say = run.say  # the main process speaks for all
+        stop.armed = True  # from here a signal lets the step in flight finish and saves it
+        run.train()
+        return run.finish()
 
 
 @dataclass
@@ -95,9 +107,10 @@ class TrainingRun:
     metrics: MetricsLog
     progress: Progress
 
-    def __init__(self, config: Config, log=print):
+    def __init__(self, config: Config, log=print, stop: StopRequests | None = None):
         self.config = config
         self.log = log
+        self.stop = stop or StopRequests(log)
         self.started = time.perf_counter()
         self.layout = RunLayout(Path(config.output_dir))
         self.early = EarlyStopping(config.early_stopping_patience)
@@ -165,7 +178,8 @@ class TrainingRun:
 
     def _start_logging(self) -> None:
         runtime, config = self.runtime, self.config
-        self.metrics = MetricsLog(self.layout.logs, resume_step=self.counters.start_step, enabled=runtime.is_main)
+        self.metrics = MetricsLog(self.layout.logs, resume_step=self.counters.start_step, enabled=runtime.is_main,
+                                  say=self.say)
         runtime.integrations.watch(self.unwrapped)
         self.say(
             f"train: {len(self.data.train_rows)} rows, {self.order.rows_per_step} rows/step "
@@ -203,8 +217,11 @@ class TrainingRun:
             if self.early.should_stop and done < total:
                 self.say(self.early.stop_message(done))
                 break
-            if saves_at(config, done, total, steps_per_epoch):
+            saved = saves_at(config, done, total, steps_per_epoch)
+            if saved:
                 self._save_checkpoint()
+            if done < total and self._stop_requested():
+                self._stop_after(done, saved)
         self.progress.close()
 
     def _step(self, step: int) -> dict[str, Any] | None:
@@ -212,6 +229,7 @@ class TrainingRun:
         started = time.perf_counter()
         result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
                             self.config.max_grad_norm, self.loss_mode)
+        self._check_finite(step + 1, result)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         seconds = time.perf_counter() - started
@@ -222,6 +240,30 @@ class TrainingRun:
         self.counters.last = last
         self.progress.update(done, last)
         return dict(last) if (done % self.config.logging_steps == 0 or done == self.total_steps) else None
+
+    def _check_finite(self, step: int, result: StepResult) -> None:
+        """Stop at the step that diverged, before its log row or any save (see ``divergence``)."""
+        (weights_bad,) = self.parallel.any_rank(not weights_finite(self.unwrapped))
+        grad_norm = result.grad_norm if self.config.max_grad_norm > 0 else None
+        check_step(result.loss, grad_norm, step, not weights_bad, self.runtime.precision.name,
+                   self.config.learning_rate)
+
+    def _stop_requested(self) -> bool:
+        """Whether any process got SIGINT / SIGTERM (all processes agree, so all stop after the same step)."""
+        interrupt, terminate = self.parallel.any_rank(self.stop.signum == signal.SIGINT,
+                                                      self.stop.signum == signal.SIGTERM)
+        if self.stop.signum is None and (interrupt or terminate):
+            self.stop.signum = signal.SIGINT if interrupt else signal.SIGTERM  # delivered to another rank first
+        return interrupt or terminate
+
+    def _stop_after(self, done: int, saved: bool) -> None:
+        """A checkpoint of the step just finished (unless its regular save wrote it), then stop."""
+        assert self.stop.signum is not None
+        if not saved:
+            self._save_checkpoint()
+        self.progress.close()
+        raise RunInterrupted(self.stop.signum, f"stopped by {signal_name(self.stop.signum)} after step {done}/"
+                             f"{self.total_steps}; saved {self.layout.checkpoint(done)}.")
 
     def _evaluate(self, step: int) -> float:
         eval_loss = evaluate(self.model, self.runtime.accelerator, self.data.val_rows, self.data.val_collate,

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import Config
+from axlora.core.layout import RunLayout
 from axlora.train import checkpoint as ckpt
 from axlora.train.early_stopping import EarlyStopping
+from axlora.train.metrics import set_aside_earlier_logs
 from axlora.train.runtime import Runtime
 
 
@@ -33,7 +35,7 @@ class Resume:
 def decide_resume(config: Config, runtime: Runtime, checkpoint: Path | None, data_fingerprint: str) -> Resume:
     """Check ``checkpoint`` against this run's data and batch shape, and tidy ``output_dir/checkpoints``.
 
-    A fresh run sets an earlier run's checkpoints aside; a resumed one drops half-written saves.
+    A fresh run sets an earlier run's checkpoints and logs aside; a resumed one drops half-written saves.
     """
     key = ckpt.ResumeKey.for_run(config, data_fingerprint, runtime.world_size, runtime.zero_stage)
     state = ckpt.read_checkpoint_state(checkpoint, key) if checkpoint is not None else None
@@ -41,8 +43,9 @@ def decide_resume(config: Config, runtime: Runtime, checkpoint: Path | None, dat
         output_dir = Path(config.output_dir)
         if state is None:
             ckpt.set_aside_earlier_checkpoints(output_dir, runtime.say)
+            set_aside_earlier_logs(RunLayout(output_dir), runtime.say)
         else:
-            ckpt.remove_unfinished_saves(output_dir)
+            ckpt.remove_unfinished_saves(output_dir, runtime.say)
     return Resume(checkpoint, state, key)
 
 
