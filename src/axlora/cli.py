@@ -28,6 +28,11 @@ EXAMPLES = {
     "merge-lora": """examples:
   axlora merge-lora my.yml                               # merges output_dir/final into output_dir/merged
   axlora merge-lora my.yml --lora-model-dir outputs/round1/final --output /models/merged""",
+    "inference": """examples:
+  axlora inference my.yml --prompt "What is LoRA?"            # the run's final/ adapter, greedy
+  axlora inference my.yml --prompts questions.jsonl --output answers.jsonl
+  axlora inference my.yml --merged --system "Be brief."       # the merged model; a chat on a terminal
+  axlora inference examples/yaml/tiny-demo.yml --prompt '{"instruction": "Add the two numbers.", "input": "12+35"}'""",
     "validate": """examples:
   axlora validate my.yml
   axlora validate my.yml --micro_batch_size 4""",
@@ -73,6 +78,27 @@ def cmd_merge(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_inference(args: argparse.Namespace, overrides: list[str]) -> int:
+    from pathlib import Path
+
+    from axlora.config.load import load_config
+
+    config = load_config(args.config, overrides)
+    from axlora.inference.options import InferenceOptions
+    from axlora.inference.run import run_inference
+    from axlora.model.generate import Sampling
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    options = InferenceOptions(
+        prompts=args.prompt or [], prompts_file=Path(args.prompts) if args.prompts else None, output=args.output,
+        system=args.system, lora_model_dir=Path(args.lora_model_dir) if args.lora_model_dir else None,
+        merged=args.merged, sampling=sampling, seed=args.seed, batch_size=args.batch_size, gradio=args.gradio,
+    )
+    run_inference(config, options)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.config.load import load_config
     from axlora.validate import describe_plan
@@ -95,6 +121,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace, list[str]], int], str]] 
     "train": (cmd_train, "train a LoRA (prepares the data first when needed)"),
     "preprocess": (cmd_preprocess, "tokenize and cache the datasets, print a report"),
     "merge-lora": (cmd_merge, "merge the trained adapter into the base model"),
+    "inference": (cmd_inference, "answer prompts or chat with the trained model, in the run's format"),
     "validate": (cmd_validate, "check a config and print the plan (fast, no torch)"),
     "schema": (cmd_schema, "print the config's JSON Schema"),
 }
@@ -124,7 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                                  help="dtype of the merged weights (default: the base model's)")
             command.add_argument("--no-verify", action="store_true", help="skip the streamed self-check")
+        if name == "inference":
+            add_inference_arguments(command)
     return parser
+
+
+def add_inference_arguments(command: argparse.ArgumentParser) -> None:
+    source = command.add_argument_group("model")
+    source.add_argument("--lora_model_dir", "--lora-model-dir", dest="lora_model_dir",
+                        help="adapter to load (default: output_dir/final, else the config's lora_model_dir)")
+    source.add_argument("--merged", action="store_true", help="load the merged model in output_dir/merged")
+    prompts = command.add_argument_group("prompts (default: a chat on a terminal, else one prompt per line of stdin)")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a prompt (repeatable); a JSON object gives the format's fields, e.g. instruction, input")
+    prompts.add_argument("--prompts", metavar="FILE.jsonl", help="JSON lines with 'prompt' or 'messages'")
+    prompts.add_argument("--output", metavar="FILE.jsonl",
+                         help="write one JSON line per prompt with its response ('-': standard output)")
+    prompts.add_argument("--system", metavar="TEXT", help="system message of a chat run's conversations")
+    prompts.add_argument("--gradio", action="store_true", help="a web chat (needs: pip install 'axlora[gradio]')")
+    sampling = command.add_argument_group("generation (greedy unless --temperature is above 0)")
+    sampling.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, reproducible")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling (with --temperature)")
+    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (with --temperature)")
+    sampling.add_argument("--repetition-penalty", type=float, help="above 1 discourages repeats")
+    sampling.add_argument("--seed", type=int, help="sampling seed (default: the config's seed)")
+    sampling.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
 
 
 # Deprecation notices libraries raise about their own calls (peft -> transformers, DeepSpeed -> torch):

@@ -29,30 +29,9 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
 
     ``synced_ranks``: every rank generates together (the weights are partitioned across them, ZeRO-3).
     """
-    import torch
+    from axlora.model.generate import Sampling, generate_texts, prompt_ids
 
     if not prompts:
         return []
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    outputs = []
-    try:
-        with torch.no_grad():
-            for prompt in prompts:
-                # a chat template writes its own BOS; adding another would shift what the model sees
-                has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
-                ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=not has_bos).input_ids.to(device)
-                generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    synced_gpus=synced_ranks,
-                )
-                outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return outputs
+    ids = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+    return generate_texts(model, tokenizer, ids, Sampling(max_new_tokens=max_new_tokens), synced_ranks=synced_ranks)
