@@ -193,7 +193,19 @@ def _train_as_worker(config: Config, log) -> int:
         if _leave_status(exc.exit_code, str(exc)):
             return exc.exit_code  # the launcher prints it, once for all ranks
         raise
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Tear the process group down before the worker exits: left to interpreter shutdown, a gloo or DeepSpeed
+    communication thread can still be running and abort the process ("terminate called without an active
+    exception") after the run has finished and saved."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager
