@@ -45,9 +45,15 @@ that needs changing. Every key of an Axolotl YAML falls in one of these groups:
 Habits of Axolotl files that axlora honours: a key written with no value means unset; `2e-4` (a string
 under YAML 1.1) is a number; `bf16: auto` and `tf32: auto`; an empty `adapter:` (Axolotl's full fine-tune)
 is refused rather than silently trained as a LoRA. Quantization (`load_in_4bit`, `load_in_8bit`,
-`adapter: qlora`) and attention (`flash_attention`, `attn_implementation`) validate on any machine and
-fail when training starts, with exit status 2 and a message saying what is missing, where the machine
-lacks a CUDA GPU or the package.
+`adapter: qlora`, `quantize_moe_experts`) needs bitsandbytes, which also runs on a CPU; flash attention and
+FSDP with a 4-bit base need CUDA GPUs. These keys validate on any machine and fail when training starts, with
+exit status 2 and a message saying what is missing.
+
+Kernel switches (`liger_*`, `cut_cross_entropy` and its plugin, `use_kernels`, `fused_attn_kernel`,
+`gemma4_hybrid_attn_impl`) change speed and memory only: the kernel runs where its package (and GPU) is
+present; otherwise the model's own code runs and one `note:` line names the switch and what is missing.
+Attention names that are not transformers backends (`xformers`, `sage`) run SDPA, with a note.
+`bench/axolotl_examples.py DIR` counts how many Axolotl example configs in DIR validate as they are.
 """
 
 

@@ -85,7 +85,10 @@ def test_new_tokens_example():
 def test_speed_only_plugins_are_noted_not_refused():
     config, notes = by_name("plugins-and-kernels.yml")
     plugin_notes = [n for n in notes if "plugin " in n]
-    assert len(plugin_notes) == 3 and all("changes speed and memory only" in n for n in plugin_notes)
+    assert len(plugin_notes) == 3 and sum("changes speed and memory only" in n for n in plugin_notes) == 2
+    assert any("CutCrossEntropyPlugin" in n and "cut_cross_entropy: true" in n for n in plugin_notes)
+    assert config.cut_cross_entropy and config.liger_switches() == {"rope": True, "rms_norm": True, "swiglu": True,
+                                                                    "layer_norm": True}
     assert not any("liger_fused_linear_cross_entropy" in n for n in notes)  # false asks for nothing
     assert config.attention_implementation() == "sdpa"
 

@@ -32,7 +32,7 @@ def test_example_keeps_hub_ids_and_fast_defaults(path):
     assert notes == []  # shipped examples use axlora keys only
     assert config.base_model == data["base_model"] and "/" in config.base_model  # a Hub id, untouched
     assert config.datasets[0].path == data["datasets"][0]["path"]
-    assert config.sample_packing and config.bf16 in (True, "auto")
+    assert (config.sample_packing or config.rl) and config.bf16 in (True, "auto")  # preference pairs are not packed
     assert config.attention_implementation() == "flash_attention_2"
     assert config.quantization_bits() == (4 if "qlora" in path.name else None)
     assert Path(config.output_dir).is_absolute()

@@ -14,29 +14,33 @@ from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 from conftest import run_cli
 
-GPU_QLORA = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-
 
 def config_of(make_config, **overrides):
     return load_config(make_config(**overrides), log=lambda _note: None)
 
 
-@pytest.mark.skipif(GPU_QLORA, reason="this machine can train QLoRA")
-def test_qlora_validates_anywhere_and_fails_at_train_time_with_exit_2(make_config):
+def without_bitsandbytes(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+
+def test_qlora_validates_anywhere_and_stops_at_load_without_bitsandbytes(make_config, monkeypatch):
     path = make_config(adapter="qlora", load_in_4bit=True)
     assert run_cli("validate", str(path)).returncode == 0
-    result = run_cli("train", str(path))
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "load_in_4bit: 4-bit quantized base weights (QLoRA) need a CUDA GPU and bitsandbytes" in result.stderr
-    assert "set adapter: lora and load_in_4bit: false" in result.stderr
+    without_bitsandbytes(monkeypatch)
+    with pytest.raises(UserError) as info:
+        load_base_model(config_of(make_config, adapter="qlora", load_in_4bit=True), torch.float32)
+    assert info.value.exit_code == 2
+    assert str(info.value).startswith("load_in_4bit: 4-bit quantized base weights (QLoRA) need bitsandbytes, but the "
+                                      "bitsandbytes package is not installed")
+    assert "set adapter: lora and load_in_4bit: false" in str(info.value)
 
 
-@pytest.mark.skipif(GPU_QLORA, reason="this machine can train QLoRA")
 @pytest.mark.parametrize(("keys", "named"), [({"adapter": "qlora"}, "adapter: qlora"),
                                              ({"load_in_8bit": True}, "load_in_8bit: 8-bit")])
-def test_every_quantization_key_is_named_when_it_cannot_run(make_config, keys, named):
+def test_every_quantization_key_is_named_when_it_cannot_run(make_config, monkeypatch, keys, named):
     config = config_of(make_config, **keys)
+    without_bitsandbytes(monkeypatch)
     with pytest.raises(UserError, match=named):
         load_base_model(config, torch.float32)
 

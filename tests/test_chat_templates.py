@@ -34,6 +34,8 @@ EXPECTED = {
     "mistral_v7_tekken": "<s>[SYSTEM_PROMPT]You add.[/SYSTEM_PROMPT][INST]1+2[/INST]3</s>[INST] 2+2 [/INST]4</s>",
     "gemma3": "<s><start_of_turn>user\nYou add.\n\n1+2<end_of_turn>\n<start_of_turn>model\n3<end_of_turn>\n"
     "<start_of_turn>user\n2+2<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
+    "gemma4": "<s><|turn>system\nYou add.<turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n3<turn|>\n"
+    "<|turn>user\n2+2<turn|>\n<|turn>model\n4<turn|>\n",
     "cohere": "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You add.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
     "<|USER_TOKEN|>1+2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>3<|END_OF_TURN_TOKEN|>"
     "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>2+2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4"

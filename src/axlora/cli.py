@@ -62,6 +62,11 @@ def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(config)
+    if config.rl:  # preference rows are read and checked here, and kept in memory by each run (no cache entry)
+        from axlora.data.preference_prepare import prepare_preferences
+
+        prepare_preferences(config, tokenizer)
+        return 0
     prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer))
     print(f"data: report {prepared.cache_dir / 'report.json'}, length histogram {prepared.cache_dir / 'lengths.png'}")
     return 0

@@ -222,7 +222,7 @@ def _output_dir_lock(config: Config, holds: bool, log) -> Iterator[None]:
 
 def _launch_workers(config: Config, layout: ProcessLayout, config_path: Path, overrides: list[str], log) -> int:
     """Prepare the data once, start the workers under accelerate, and report their outcome once."""
-    if layout.machine_rank == 0:
+    if layout.machine_rank == 0 and not config.rl:  # preference rows are prepared in memory by each worker
         prepared = prepare_once(config, log)
         check_resume(config, layout, prepared.fingerprint)
     arguments = accelerate_arguments(layout, config_path, overrides)

@@ -20,8 +20,16 @@ class AdapterSettings(StrictModel):
     lora_r: int = Field(default=8, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(default=16, gt=0, description="LoRA alpha; the update is scaled by alpha/r.")
     lora_dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt, e.g. [q_proj, v_proj]."
+    lora_target_modules: list[str] | str | None = Field(
+        default=None,
+        description="Module names to adapt, e.g. [q_proj, v_proj], or one regular expression that whole module "
+        "paths must match (peft's rule), e.g. 'model.layers.[0-9]+.self_attn.(q|v)_proj'.",
+    )
+    lora_target_parameters: list[str] | None = Field(
+        default=None,
+        description="Parameters to adapt that are not linear layers, such as fused MoE expert weights "
+        "(mlp.experts.gate_up_proj, mlp.experts.down_proj): peft's target_parameters, one LoRA per expert; "
+        "needs lora_dropout: 0 (the default with this key).",
     )
     lora_target_linear: bool = Field(
         default=False, description="Adapt every linear layer except the output head."
@@ -46,6 +54,11 @@ class PeftSettings(StrictModel):
         default=None,
         description="Modules trained and saved in full besides the LoRA, e.g. [embed_tokens, lm_head] after "
         "adding tokens.",
+    )
+    unfrozen_parameters: list[str] | None = Field(
+        default=None,
+        description="Regular expressions of base parameter names trained in full beside the LoRA (Axolotl's key), "
+        "e.g. ['^lm_head\\..*']; each must cover whole modules, which are saved with the adapter and merged.",
     )
     lora_fan_in_fan_out: bool = Field(
         default=False, description="The adapted layers store weights as (fan_in, fan_out), like GPT-2's Conv1D."
@@ -73,5 +86,6 @@ class PeftSettings(StrictModel):
             "layers_pattern": self.peft_layers_pattern,
             "trainable_token_indices": self.peft_trainable_token_indices,
             "ensure_weight_tying": self.peft_ensure_weight_tying,
+            "target_parameters": getattr(self, "lora_target_parameters", None),
         }
         return {key: value for key, value in values.items() if value is not None}

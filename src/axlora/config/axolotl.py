@@ -53,6 +53,7 @@ class Plugin:
     what: str
     speed_only: bool
     equivalent: str | None = None
+    sets: str | None = None  # the axlora switch the plugin turns on (unless the config sets it)
 
 
 RENAMED: dict[str, str] = {
@@ -60,6 +61,7 @@ RENAMED: dict[str, str] = {
     "model_revision": "revision_of_model",
     "type_of_model": "model_type",
     "evaluation_strategy": "eval_strategy",
+    "dpo_beta": "rl_beta",
 }
 """Axolotl spellings (aliases and deprecated names) -> the axlora key with the same meaning."""
 
@@ -121,19 +123,14 @@ NO_OP: dict[str, NoOp] = {
         "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv", "flash_attn_fuse_mlp",
         "flash_optimum", "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel",
         "unsloth_cross_entropy_loss", "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o", "unsloth_rms_norm",
-        "unsloth_rope", "use_kernels",
+        "unsloth_rope",
         "use_scattermoe", "use_sonicmoe", "experts_implementation", "torch_compile", "torch_compile_backend",
         "torch_compile_mode", "batch_flattening", "tiled_mlp", "tiled_mlp_num_shards", "tiled_mlp_use_original_mlp",
         "flex_attn_compile_kwargs", "embeddings_skip_upcast", "gc_steps",
     ),
     **_noop(
-        "a Liger kernel switch (LigerPlugin): speed and memory only, not what is trained",
-        "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_swiglu", "liger_glu_activation",
-        "liger_cross_entropy", "liger_fused_linear_cross_entropy",
-    ),
-    **_noop(
-        "a Cut Cross-Entropy switch (CutCrossEntropyPlugin): the same loss with less memory",
-        "cut_cross_entropy", "cut_cross_entropy_accum_c_fp32", "cut_cross_entropy_c_grad_chunk_size",
+        "tuning of Cut Cross-Entropy's kernel (cut_cross_entropy): the same loss",
+        "cut_cross_entropy_accum_c_fp32", "cut_cross_entropy_c_grad_chunk_size",
     ),
     **_noop(
         "DDP tuning; axlora sets up data parallelism itself",
@@ -148,12 +145,17 @@ NO_OP: dict[str, NoOp] = {
             "gradio_server_name", "gradio_server_port", "gradio_max_new_tokens", "gradio_temperature"),
     **_noop("used only with loraplus_lr_ratio, which axlora does not support", "loraplus_lr_embedding"),
     **_noop("used only with use_eaft, which axlora does not support", "eaft_alpha", "eaft_k"),
-    **_noop("used only with rl, which axlora does not support", "max_prompt_len"),
+    **_noop("axlora applies sequence_len to the prompt with each answer; the prompt is not cut on its own",
+            "max_prompt_len"),
+    **_noop("a speed/memory switch of TRL's DPO trainer; axlora batches chosen and rejected itself",
+            "dpo_use_liger_kernel", "dpo_padding_free", "dpo_use_logits_to_keep"),
     **_noop("axlora's torch import is not configurable", "torchdistx_path"),
     **_noop("axlora always writes a whole adapter (it is never sharded)", "fsdp_final_state_dict_type"),
 }
 
-_RL = "axlora does supervised LoRA fine-tuning; RL and preference training (DPO, IPO, KTO, ORPO, SimPO, GRPO) is not supported"
+_RL = ("axlora does offline preference tuning (rl: dpo, ipo, simpo, orpo, kto); online RL that generates answers "
+       "during training (GRPO, reward models, vLLM) is not supported")
+_RL_EXTRAS = "a preference-tuning option axlora does not have (rl_beta, dpo_loss_type, dpo_label_smoothing ... are)"
 _MULTIMODAL = "multimodal (image/audio) training is not supported; axlora trains text-only causal language models"
 _FULL_FT = "axlora trains LoRA adapters, not full or partial fine-tuning of the base weights"
 _PARALLEL = ("axlora shards models with FSDP (fsdp_config) or DeepSpeed ZeRO (deepspeed: zero3) across data-parallel "
@@ -165,19 +167,23 @@ _TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrate
 REJECTED: dict[str, Rejected] = {
     **_rejected(
         _RL,
-        "rl", "rl_beta", "trl", "vllm", "dpo_beta", "dpo_use_weighting", "dpo_use_logits_to_keep", "dpo_label_smoothing",
-        "dpo_use_liger_kernel", "dpo_padding_free", "dpo_loss_type", "dpo_loss_weights", "dpo_generate_during_eval",
-        "dpo_norm_loss", "precompute_ref_log_probs", "orpo_alpha", "rpo_alpha", "simpo_gamma", "cpo_alpha",
-        "kto_desirable_weight", "kto_undesirable_weight", "reward_model", "process_reward_model",
-        "center_rewards_coefficient", "num_labels", "ebft",
+        "trl", "vllm", "reward_model", "process_reward_model", "center_rewards_coefficient", "num_labels", "ebft",
+    ),
+    **_rejected(
+        _RL_EXTRAS, "dpo_loss_weights", "dpo_generate_during_eval", "dpo_norm_loss", "rpo_alpha",
     ),
     **_rejected(
         _MULTIMODAL, "image_size", "image_resize_algorithm", "processor_type", "freeze_mm_modules",
     ),
     **_rejected(
         _FULL_FT + "; use lora_modules_to_save to train whole modules besides the LoRA",
-        "unfrozen_parameters", "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "reinit_weights",
-        "random_init_weights", "llama4_linearized_experts",
+        "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "reinit_weights",
+        "random_init_weights",
+    ),
+    **_rejected(
+        "Axolotl's Llama 4 model with per-expert linear layers is not available; target the fused experts of the "
+        "transformers model with lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)",
+        "llama4_linearized_experts",
     ),
     **_rejected(
         "ReLoRA restarts are not supported",
@@ -203,8 +209,7 @@ REJECTED: dict[str, Rejected] = {
     **_rejected(
         "quantization-aware training, post-training quantization and FP8 training are not supported; "
         "QLoRA is load_in_4bit",
-        "qat", "quantization", "fp8", "model_quantization_config", "model_quantization_config_kwargs",
-        "quantize_moe_experts",
+        "qat", "quantization", "fp8",
     ),
     **_rejected("GPTQ-quantized base models are not supported; load the unquantized model with load_in_4bit", "gptq"),
     **_rejected(
@@ -213,16 +218,11 @@ REJECTED: dict[str, Rejected] = {
     ),
     **_rejected("LoRA+ learning rates are not supported", "loraplus_lr_ratio"),
     **_rejected("layer replication changes the architecture; not supported", "peft_layer_replication"),
-    **_rejected("LoRA on raw parameters (MoE experts) is not supported; target modules", "lora_target_parameters"),
     **_rejected(_SCHEDULE, "lr_scheduler_kwargs", "cosine_min_lr_ratio", "cosine_constant_lr_ratio",
-                "lr_quadratic_warmup", "lr_div_factor", "lr_groups", "embedding_lr", "embedding_lr_scale"),
+                "lr_div_factor", "lr_groups", "embedding_lr", "embedding_lr_scale"),
     **_rejected(
         "optimizer arguments beyond adam_beta1/adam_beta2/adam_epsilon/weight_decay are not supported",
         "optim_args", "optim_target_modules", "adam_beta3", "adam_epsilon2",
-    ),
-    **_rejected(
-        "a total batch size is not supported; set gradient_accumulation_steps = batch_size / micro_batch_size / GPUs",
-        "batch_size",
     ),
     **_rejected("axlora does not search for a batch size; set micro_batch_size", "auto_find_batch_size"),
     **_rejected(
@@ -232,15 +232,12 @@ REJECTED: dict[str, Rejected] = {
                 "pose_max_context_len", "pose_num_chunks"),
     **_rejected(
         "this attention variant is not available; use attn_implementation (sdpa, flash_attention_2, ...)",
-        "s2_attention", "sage_attention", "gemma4_hybrid_attn_impl",
+        "s2_attention",
     ),
     **_rejected("changes the model's attention math; not supported", "scaling_softmax", "scaling_softmax_factor",
                 "scaling_softmax_bias"),
     **_rejected("the EAFT loss is not supported; axlora trains with cross-entropy", "use_eaft"),
-    **_rejected(
-        "activation and layer offloading are not supported; use gradient_checkpointing: true",
-        "activation_offloading", "layer_offloading",
-    ),
+    **_rejected("layer offloading is not supported; use activation_offloading", "layer_offloading"),
     **_rejected(
         "final/ holds the last adapter, or with early_stopping_patience the one with the lowest eval_loss",
         "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
@@ -252,10 +249,7 @@ REJECTED: dict[str, Rejected] = {
     **_rejected(
         "axlora keeps an epoch's last, shorter step (its loss normalized by its own tokens)", "dataloader_drop_last",
     ),
-    **_rejected(
-        "axlora shuffles rows each epoch with seed", "curriculum_sampling", "shuffle_before_merging_datasets",
-    ),
-    **_rejected("axlora does not deduplicate rows; deduplicate the data files first", "dataset_exact_deduplication"),
+    **_rejected("axlora shuffles the rows of all datasets together with seed", "shuffle_before_merging_datasets"),
     **_rejected(
         "sharding the dataset is not supported; take part of it with split slicing (split: \"train[:10%]\")",
         "dataset_shard_num", "dataset_shard_idx", "num_dataset_shards_to_save",
@@ -273,7 +267,6 @@ REJECTED: dict[str, Rejected] = {
         "re-initialising or renaming vocabulary rows is not supported; add new tokens with tokens:",
         "fix_untrained_tokens", "added_tokens_overrides",
     ),
-    **_rejected("the mistral-common tokenizer is not supported", "tokenizer_use_mistral_common"),
     **_rejected("axlora reads the config class from the model", "cls_model_config"),
     **_rejected("arbitrary from_pretrained arguments are not supported; use the dedicated keys",
                 "overrides_of_model_kwargs", "model_kwargs"),
@@ -298,9 +291,6 @@ REJECTED: dict[str, Rejected] = {
     **_rejected(
         "axlora keeps the LoRA weights in float32 (peft's default)", "peft_autocast_adapter_dtype",
     ),
-    **_rejected("pure bfloat16 is what bf16: true does in axlora (the base weights load in bfloat16): use bf16", "bfloat16"),
-    **_rejected("pure float16 is what fp16: true does in axlora: use fp16", "float16"),
-    **_rejected("float32 is what bf16: false does in axlora: use bf16: false", "float32"),
 }
 
 # A few rejected keys accept more than "off": values that already are what axlora does.
@@ -344,7 +334,8 @@ DATASET_REFUSED: dict[str, str] = {
 
 PLUGINS: dict[str, Plugin] = {
     "LigerPlugin": Plugin("Liger Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy)", True),
-    "CutCrossEntropyPlugin": Plugin("Cut Cross-Entropy: the same loss without materialising the logits", True),
+    "CutCrossEntropyPlugin": Plugin("Cut Cross-Entropy: the same loss without materialising the logits", True,
+                                    sets="cut_cross_entropy"),
     "KernelsPlugin": Plugin("Hub and MoE kernels (ScatterMoE, SonicMoE)", True),
     "SpectrumPlugin": Plugin("Spectrum: picks layers to fully fine-tune (" + _FULL_FT + ")", False),
     "LMEvalPlugin": Plugin("lm-eval benchmarks after training (" + _EVALS + ")", False),
@@ -359,8 +350,9 @@ PLUGINS: dict[str, Plugin] = {
 
 VALUE_HINTS: dict[str, dict[Any, str]] = {
     "gradient_checkpointing": {
-        value: "activation offloading is not supported; use gradient_checkpointing: true"
-        for value in ("offload", "offload_disk", "unsloth")
+        value: "offloading to disk or Unsloth's checkpointing is not supported; use gradient_checkpointing: offload "
+        "(activations in CPU memory)"
+        for value in ("offload_disk", "unsloth")
     },
     "bf16": {"full": "bfloat16 evaluation is what bf16: true already does in axlora; use bf16: true"},
     "save_strategy": {
@@ -441,7 +433,11 @@ def _plugins(value: Any, out: Translation) -> None:
             out.problems.append(("plugins", f"plugins: expected a list of plugin names, got {entry!r}."))
             continue
         plugin = PLUGINS.get(plugin_name(entry))
-        if plugin is None:
+        if plugin is not None and plugin.sets:
+            out.data.setdefault(plugin.sets, True)
+            out.notes.append(("plugins", f"plugin {plugin_name(entry)}: {plugin.what}; axlora reads it as "
+                                         f"{plugin.sets}: true (used where its package is installed)."))
+        elif plugin is None:
             out.problems.append((
                 "plugins",
                 f"plugins: unknown Axolotl plugin '{entry}'; axlora has no plugin system: remove it "

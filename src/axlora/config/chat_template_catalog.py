@@ -156,6 +156,19 @@ GEMMA3 = (
     "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
 )
 
+GEMMA4 = (
+    "{{- bos_token }}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking %}"
+    "{%- if thinking or messages[0].role == 'system' %}{{- '<|turn>system\n' + ('<|think|>' if thinking else '') }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content | trim }}{%- endif %}{{- '<turn|>\n' }}{%- endif %}"
+    "{%- set turns = messages[1:] if messages[0].role == 'system' else messages %}"
+    "{%- for m in turns %}"
+    "{{- '<|turn>' + ('model' if m.role == 'assistant' else m.role) + '\n' + (m.content | trim) + '<turn|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|turn>model\n' }}"
+    "{%- if not thinking %}{{- '<|channel>thought\n<channel|>' }}{%- endif %}{%- endif %}"
+)
+
 COHERE = (
     "{{- bos_token }}"
     "{%- if messages[0].role == 'system' %}"
@@ -393,6 +406,7 @@ CATALOG: dict[str, tuple[str, str | None]] = {
     "mistral_v7_tekken": (MISTRAL_V7_TEKKEN, None),
     "gemma3": (GEMMA3, "<end_of_turn>"),
     "gemma3n": (GEMMA3, "<end_of_turn>"),
+    "gemma4": (GEMMA4, "<turn|>"),
     "cohere": (COHERE, "<|END_OF_TURN_TOKEN|>"),
     "deepseek_v2": (DEEPSEEK_V2, None),
     "deepseek_v3": (DEEPSEEK_V3, "<｜end▁of▁sentence｜>"),

@@ -270,6 +270,11 @@ class DataSettings(StrictModel):
     dataset_processes: int | None = Field(
         default=None, gt=0, description="Processes that prepare large datasets (default: the CPUs available)."
     )
+    dataset_exact_deduplication: bool = Field(
+        default=False,
+        description="Drop rows that repeat another row of the same format exactly (before the validation split, "
+        "so no validation row is also trained on).",
+    )
 
     def length_strategy(self, dataset: DatasetConfig) -> str:
         """What happens to ``dataset``'s samples over ``sequence_len``: the setting, else its type's default."""

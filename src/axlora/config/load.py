@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from axlora.config import axolotl
 from axlora.config.chat_templates import looks_like_template_file
 from axlora.config.datasets import DatasetConfig
+from axlora.config.preference_keys import PreferenceDatasetConfig, is_preference_entry
 from axlora.config.schema import Config
 from axlora.core.errors import ConfigError, UserError
 from axlora.core.suggest import did_you_mean
@@ -262,9 +263,10 @@ def _unknown_key_problems(data: dict[str, Any], lines: dict[KeyPath, int], sourc
     for key in data:
         if key not in known:
             problems.append(_where(lines, (key,), source) + f"unknown key '{key}'{did_you_mean(key, suggestions, _SEE_SCHEMA)}")
-    dataset_keys = set(DatasetConfig.model_fields)
     for index, entry in enumerate(data.get("datasets") or []):
         if isinstance(entry, dict):
+            kind = PreferenceDatasetConfig if is_preference_entry(entry) else DatasetConfig
+            dataset_keys = set(kind.model_fields)
             for key in entry:
                 if key not in dataset_keys:
                     where = _where(lines, ("datasets", index, key), source)

@@ -44,6 +44,11 @@ class TokenizerSettings(StrictModel):
         default=None, description="Tokenizer class to load: AutoTokenizer (default) or a transformers class name."
     )
     tokenizer_use_fast: bool | None = Field(default=None, description="Load the fast (Rust) tokenizer.")
+    tokenizer_use_mistral_common: bool = Field(
+        default=False,
+        description="Load Mistral's own tokenizer (tekken.json / tokenizer.model.v*) with the mistral-common package "
+        "(transformers' MistralCommonBackend), as Mistral's models are released.",
+    )
     tokenizer_legacy: bool | None = Field(
         default=None, description="The `legacy` flag of sentencepiece tokenizers (Llama 2, T5)."
     )
@@ -106,14 +111,30 @@ ATTENTION_FLAGS = {
     "flash_attention": "flash_attention_2",
     "sdp_attention": "sdpa",
     "xformers_attention": "sdpa",
+    "sage_attention": "sdpa",
     "flex_attention": "flex_attention",
     "eager_attention": "eager",
 }
-"""Axolotl's boolean attention switches and the transformers implementation each selects.
+"""Axolotl's boolean attention switches and the transformers implementation each selects."""
 
-xformers is not a transformers backend; PyTorch's SDPA runs the same memory-efficient kernel."""
+ATTENTION_ALIASES = {"xformers": "sdpa", "sage": "sdpa"}
+"""Axolotl's ``attn_implementation`` names that are not transformers backends, and the kernel that runs instead."""
+
+ATTENTION_NOTES = {
+    "xformers": "xformers is not a transformers backend; PyTorch's SDPA runs the same memory-efficient exact "
+    "attention",
+    "sage": "SageAttention (8-bit quantized attention) is not a transformers backend; PyTorch's SDPA computes the "
+    "same attention exactly",
+}
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def _same_kernel(flag: str, implementation: str) -> bool:
+    """Whether an Axolotl attention switch asks for what ``attn_implementation`` names (flash: any flash kernel)."""
+    if flag == "flash_attention":
+        return "flash" in implementation
+    return ATTENTION_FLAGS[flag] == ATTENTION_ALIASES.get(implementation, implementation)
 
 
 class AttentionSettings(StrictModel):
@@ -129,19 +150,29 @@ class AttentionSettings(StrictModel):
     xformers_attention: bool = Field(
         default=False, description="Axolotl's xformers switch: runs sdpa, PyTorch's memory-efficient kernel."
     )
+    sage_attention: bool = Field(
+        default=False, description="Axolotl's SageAttention switch: runs sdpa, the same attention computed exactly."
+    )
     flex_attention: bool = Field(default=False, description="Use PyTorch flex attention.")
     eager_attention: bool = Field(default=False, description="Use the plain (eager) attention implementation.")
+    gemma4_hybrid_attn_impl: bool = Field(
+        default=False,
+        description="Axolotl's Gemma 4 hybrid (flash attention on sliding-window layers, SDPA on global ones): axlora "
+        "runs SDPA on every layer, the same attention, and says so.",
+    )
 
     @model_validator(mode="after")
     def _one_attention_choice(self) -> AttentionSettings:
         chosen = [flag for flag in ATTENTION_FLAGS if getattr(self, flag)]
         if self.attn_implementation is not None:
             value = self.attn_implementation
-            if value not in ATTENTION_IMPLEMENTATIONS and "/" not in value:
+            if value not in ATTENTION_IMPLEMENTATIONS and value not in ATTENTION_ALIASES and "/" not in value:
                 raise ValueError(
                     f"attn_implementation: '{value}' is not available in axlora; use one of "
                     f"{', '.join(ATTENTION_IMPLEMENTATIONS)} or a Hub kernel (kernels-community/...)."
                 )
+            # Axolotl files often keep the old switch beside attn_implementation: fine when both name the same kernel
+            chosen = [flag for flag in chosen if not _same_kernel(flag, value)]
             chosen.insert(0, "attn_implementation")
         if len(chosen) > 1:
             raise ValueError(f"{' / '.join(chosen)}: choose one attention implementation, not {len(chosen)}.")
@@ -149,11 +180,26 @@ class AttentionSettings(StrictModel):
 
     def attention_implementation(self) -> str | None:
         """The transformers ``attn_implementation`` to load the model with (None: transformers' default)."""
+        if self.gemma4_hybrid_attn_impl:
+            return "sdpa"
         if self.attn_implementation is not None:
-            return self.attn_implementation
+            return ATTENTION_ALIASES.get(self.attn_implementation, self.attn_implementation)
         for flag, implementation in ATTENTION_FLAGS.items():
             if getattr(self, flag):
                 return implementation
+        return None
+
+    def attention_note(self) -> str | None:
+        """Why the kernel that runs is not the one named, for Axolotl's names that are not transformers backends."""
+        if self.gemma4_hybrid_attn_impl:
+            return ("gemma4_hybrid_attn_impl: SDPA on every layer; the hybrid's flash attention on the sliding-window "
+                    "layers computes the same attention faster")
+        if self.attn_implementation in ATTENTION_NOTES:
+            return ATTENTION_NOTES[self.attn_implementation]
+        if self.xformers_attention:
+            return ATTENTION_NOTES["xformers"]
+        if self.sage_attention:
+            return ATTENTION_NOTES["sage"]
         return None
 
 
@@ -168,10 +214,32 @@ class QuantizationSettings(StrictModel):
         default=None, description="Overrides of the bitsandbytes quantization config (BitsAndBytesConfig keys)."
     )
 
+    quantize_moe_experts: bool = Field(
+        default=False,
+        description="With a 4-bit base: also store the fused MoE expert weights in 4-bit NF4 (bitsandbytes leaves "
+        "them in full precision otherwise); they are dequantized when read.",
+    )
+    model_quantization_config: str | None = Field(
+        default=None,
+        description="A transformers quantization config class to load the base with, e.g. Mxfp4Config (gpt-oss; "
+        "with model_quantization_config_kwargs: {dequantize: true} the MXFP4 experts load dequantized).",
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Arguments of model_quantization_config's class, e.g. {dequantize: true}."
+    )
+
     @model_validator(mode="after")
     def _one_quantization(self) -> QuantizationSettings:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit / load_in_8bit: choose one of them, not both.")
+        if self.model_quantization_config_kwargs and not self.model_quantization_config:
+            raise ValueError("model_quantization_config_kwargs: needs model_quantization_config (the class they are "
+                             "for, e.g. Mxfp4Config).")
+        if self.model_quantization_config and (self.load_in_4bit or self.load_in_8bit):
+            raise ValueError("model_quantization_config / load_in_4bit / load_in_8bit: choose one quantization.")
+        if self.model_quantization_config and not self.model_quantization_config.endswith("Config"):
+            raise ValueError(f"model_quantization_config: name a transformers quantization config class such as "
+                             f"Mxfp4Config, not '{self.model_quantization_config}'.")
         return self
 
     # adapter: qlora implies a 4-bit base; that rule and quantization_bits() read the adapter key, so they live

@@ -21,12 +21,14 @@ from axlora.config.adapter_keys import AdapterSettings, PeftSettings
 from axlora.config.axolotl import noop_schema_properties
 from axlora.config.datasets import DataSettings
 from axlora.config.hardware import HardwareSettings
+from axlora.config.kernel_keys import KernelSettings
 from axlora.config.model_keys import (
     AttentionSettings,
     ModelSettings,
     QuantizationSettings,
     TokenizerSettings,
 )
+from axlora.config.preference_keys import PreferenceSettings
 from axlora.config.tracking import HubSettings, LoggingSettings
 from axlora.config.training_keys import (
     BatchingSettings,
@@ -39,6 +41,8 @@ from axlora.config.training_keys import (
 
 class Config(
     # pydantic lists fields from the last base to the first: core keys first, Axolotl extras after
+    KernelSettings,
+    PreferenceSettings,  # before DataSettings: its ``datasets`` also takes preference entries
     HardwareSettings,
     HubSettings,
     LoggingSettings,
@@ -77,10 +81,58 @@ class Config(
             return {**data, "gradient_checkpointing": True}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_offload_checkpointing(cls, data: Any) -> Any:
+        """Axolotl's ``gradient_checkpointing: offload`` is gradient checkpointing plus ``activation_offloading``."""
+        if isinstance(data, dict) and data.get("gradient_checkpointing") == "offload":
+            if data.get("activation_offloading") is False:
+                raise ValueError("gradient_checkpointing / activation_offloading: 'offload' asks for activation "
+                                 "offloading, activation_offloading: false says not to.")
+            return {**data, "gradient_checkpointing": True, "activation_offloading": True}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dropout_on_parameters(cls, data: Any) -> Any:
+        """peft's LoRA on parameters (lora_target_parameters) has no dropout: the default becomes 0, as in Axolotl."""
+        if isinstance(data, dict) and data.get("lora_target_parameters") and data.get("lora_dropout") is None:
+            return {**data, "lora_dropout": 0.0}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_batch_size(cls, data: Any) -> Any:
+        """Axolotl's ``batch_size`` is rows per optimizer step on each process: it sets the accumulation."""
+        if not isinstance(data, dict) or data.get("batch_size") is None:
+            return data
+        if data.get("gradient_accumulation_steps") is not None:
+            raise ValueError("batch_size / gradient_accumulation_steps: set one of them, not both (batch_size "
+                             "sets gradient_accumulation_steps = batch_size // micro_batch_size).")
+        batch, micro = data["batch_size"], data.get("micro_batch_size", 1)
+        if isinstance(batch, int) and isinstance(micro, int) and micro > 0:
+            if batch < micro:
+                raise ValueError(f"batch_size: {batch} is smaller than micro_batch_size {micro}.")
+            return {**data, "gradient_accumulation_steps": batch // micro}
+        return data
+
     # The "after" rules run in the order they are defined, after those of the sections; the first that fails
     # is the error reported, so this order is part of what a config with several problems is told.
     @model_validator(mode="after")
     def _check_qlora_base(self) -> Config:
+        if self.adapter == "qlora" and self.model_quantization_config:
+            raise ValueError("model_quantization_config / adapter: qlora loads a bitsandbytes 4-bit base; use adapter: "
+                             "lora with model_quantization_config.")
+        if self.quantize_moe_experts and self.quantization_bits() != 4:
+            raise ValueError("quantize_moe_experts: quantizes the experts like the rest of a 4-bit base; set "
+                             "load_in_4bit: true (or adapter: qlora).")
+        if self.quantize_moe_experts and self.uses_fsdp():
+            raise ValueError("quantize_moe_experts / fsdp: FSDP does not shard the packed expert weights; train the "
+                             "quantized experts on one GPU per process without fsdp.")
+        if self.quantize_moe_experts and self.lora_target_parameters:
+            raise ValueError("quantize_moe_experts / lora_target_parameters: LoRA on the 4-bit experts is not "
+                             "available (peft would add the expert delta to a stale dequantized copy); keep the "
+                             "experts in full precision or adapt the other layers only.")
         if self.adapter == "qlora" and self.load_in_8bit:
             raise ValueError("load_in_8bit / adapter: qlora trains on a 4-bit base; use load_in_4bit or adapter: lora.")
         return self
@@ -121,6 +173,7 @@ class Config(
             self.lora_model_dir is None
             and not self.lora_target_linear
             and not self.lora_target_modules
+            and not self.lora_target_parameters
         ):
             problems.append(
                 "lora_target_modules: a fresh LoRA needs target modules: list them "
@@ -128,14 +181,38 @@ class Config(
             )
         if self.fp16 and self.bf16 is True:
             problems.append("fp16 / bf16: choose one of them, not both.")
+        problems += self._precision_problems()
+        if self.lora_target_parameters and self.lora_dropout:
+            problems.append("lora_target_parameters / lora_dropout: peft's LoRA on parameters has no dropout; "
+                            "set lora_dropout: 0.")
+        if self.curriculum_sampling and self.group_by_length:
+            problems.append("curriculum_sampling / group_by_length: each sets the row order; choose one.")
+        if self.lr_quadratic_warmup and self.lr_scheduler != "cosine":
+            problems.append(f"lr_quadratic_warmup: applies to lr_scheduler: cosine only (got {self.lr_scheduler}).")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             problems.append("warmup_steps / warmup_ratio: set one of them, not both.")
         if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
             problems.append("val_set_size: a row count must be a whole number (or a fraction below 1).")
         problems += self._fsdp_problems()
+        problems += self.preference_problems()
+        if self.rl and self.sample_packing:
+            problems.append(f"sample_packing / rl: {self.rl} sets each chosen answer against its rejected one in a "
+                            "batch; pairs are not packed: set sample_packing: false.")
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _precision_problems(self) -> list[str]:
+        """Axolotl's pure-dtype switches (bfloat16, float16, float32) must agree with bf16 / fp16."""
+        chosen = {"bf16": self.bf16 is True or self.bfloat16, "fp16": self.fp16 or self.float16, "fp32": self.float32}
+        named = [name for name, on in chosen.items() if on]
+        problems = []
+        if len(named) > 1:
+            problems.append(f"bf16 / bfloat16 / fp16 / float16 / float32: these ask for {' and '.join(named)}; "
+                            "choose one precision.")
+        if self.bfloat16 and self.bf16 is False:
+            problems.append("bfloat16 / bf16: bfloat16: true loads the weights in bfloat16, bf16: false says not to.")
+        return problems
 
     def _fsdp_problems(self) -> list[str]:
         if not self.uses_fsdp():
@@ -147,9 +224,9 @@ class Config(
             problems.append("fsdp: full_shard and shard_grad_op are two sharding strategies; keep one.")
         if self.deepspeed:
             problems.append("fsdp / deepspeed: choose one way of sharding the model, not both.")
-        if self.quantization_bits():
-            problems.append("fsdp: not with a quantized base (load_in_4bit / load_in_8bit); "
-                            "use one GPU or DeepSpeed zero2 for QLoRA.")
+        if self.quantization_bits() == 8:
+            problems.append("fsdp / load_in_8bit: FSDP shards a 4-bit base (FSDP-QLoRA), not an 8-bit one; "
+                            "use load_in_4bit.")
         if self.chunked_cross_entropy:
             problems.append("chunked_cross_entropy: not with FSDP, which shards the output head's weight; "
                             "turn one of them off.")

@@ -17,6 +17,10 @@ accepts 0 to 2**32 - 1; torch accepts a wider range."""
 class TrainingSettings(StrictModel):
     micro_batch_size: int = Field(default=1, gt=0, description="Rows per forward pass on each process.")
     gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro batches per optimizer step.")
+    batch_size: int | None = Field(
+        default=None, gt=0, description="Rows per optimizer step on each process (Axolotl's batch_size): sets "
+        "gradient_accumulation_steps to batch_size // micro_batch_size; set one of the two.",
+    )
     num_epochs: float | None = Field(default=None, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps; wins over num_epochs.")
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
@@ -25,6 +29,10 @@ class TrainingSettings(StrictModel):
     ] = Field(default="cosine", description="Learning-rate schedule after warm-up.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Warm-up as a fraction of steps.")
+    lr_quadratic_warmup: bool = Field(
+        default=False, description="With lr_scheduler: cosine, warm up quadratically ((step/warmup)^2) instead of "
+        "linearly.",
+    )
     optimizer: str = Field(
         default="adamw_torch", description="Optimizer name as transformers knows it (adamw_torch, sgd, ...)."
     )
@@ -35,6 +43,14 @@ class TrainingSettings(StrictModel):
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0 disables).")
     bf16: BoolOrAuto = Field(default="auto", description="bfloat16 training; auto: where the GPU supports it.")
     fp16: bool = Field(default=False, description="float16 mixed precision (GPU only).")
+    bfloat16: bool = Field(
+        default=False, description="Axolotl's pure-bfloat16 switch: the base weights load in bfloat16 (as bf16: true)."
+    )
+    float16: bool = Field(
+        default=False, description="Axolotl's pure-float16 switch: the base weights load in float16 (as fp16: true; "
+        "GPU only).",
+    )
+    float32: bool = Field(default=False, description="Load and train in float32 (as bf16: false).")
     tf32: BoolOrAuto = Field(default=False, description="Allow TF32 matmuls on Ampere+ GPUs (auto: where supported).")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed for data order, LoRA init and dropout "
@@ -70,10 +86,11 @@ class EvalSaveSettings(StrictModel):
     """When to evaluate and checkpoint, in Axolotl's words: per epoch, by strategy, or every N steps."""
 
     evals_per_epoch: int | None = Field(
-        default=None, gt=0, description="Evaluate N times per epoch (instead of eval_steps)."
+        default=None, ge=0, description="Evaluate N times per epoch (instead of eval_steps); 0: only at the end."
     )
     saves_per_epoch: int | None = Field(
-        default=None, gt=0, description="Write a resumable checkpoint N times per epoch (instead of save_steps)."
+        default=None, ge=0, description="Write a resumable checkpoint N times per epoch (instead of save_steps); "
+        "0: none before final/.",
     )
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(
         default=None,
@@ -91,6 +108,10 @@ class EvalSaveSettings(StrictModel):
 class BatchingSettings(StrictModel):
     """How rows form batches: padding and length grouping change speed and memory, never the loss."""
 
+    curriculum_sampling: bool = Field(
+        default=False,
+        description="Train on the rows in their prepared order every epoch (no per-epoch shuffle), for curricula.",
+    )
     group_by_length: bool = Field(
         default=False,
         description="Without sample_packing: batch rows of similar length together (less padding, same rows "
@@ -111,6 +132,12 @@ class MemorySettings(StrictModel):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         default=None,
         description="Arguments of gradient checkpointing, e.g. {use_reentrant: false} (axlora's default).",
+    )
+
+    activation_offloading: bool = Field(
+        default=False,
+        description="Keep the activations saved for backward in CPU memory instead of on the GPU (less GPU memory, "
+        "same losses); gradient_checkpointing: offload is gradient checkpointing with this.",
     )
 
     chunked_cross_entropy: bool = Field(

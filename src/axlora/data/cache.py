@@ -8,7 +8,8 @@ the cache is used as it is. Hub datasets are keyed by name, ``split``, ``name`` 
 ``revision`` to notice a new upload.
 
 Layout of ``<dataset_prepared_path>/<fingerprint>/``: ``train.arrow``, ``val.arrow`` (see ``rows.py``),
-``report.json`` and ``lengths.png``. The directory is built as a temporary sibling and renamed into place
+``report.json`` and ``lengths.png``. The Arrow files are written a chunk at a time as the rows are made and
+read back memory-mapped. The directory is built as a temporary sibling and renamed into place
 (``axlora.core.atomic``), so a killed run leaves either nothing or a complete entry.
 """
 
@@ -16,14 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import Config
 from axlora.core.atomic import atomic_directory
 from axlora.core.layout import RunLayout
-from axlora.data.rows import TokenizedRows
+from axlora.data.rows import MappedRows
 from axlora.data.segments import RowFormat
 
 CACHE_FORMAT_VERSION = "2"
@@ -44,6 +46,7 @@ def data_fingerprint(
         "train_on_inputs": config.train_on_inputs,
         "val_set_size": config.val_set_size,
         "seed": config.seed,
+        "dataset_exact_deduplication": config.dataset_exact_deduplication,
         "tokenizer": tokenizer_fingerprint,
     }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -64,15 +67,19 @@ def is_complete(cache_dir: Path) -> bool:
     return (cache_dir / REPORT).is_file()
 
 
-def write_entry(cache_dir: Path, train: TokenizedRows, val: TokenizedRows, report: dict[str, Any], plot) -> None:
-    """Write a cache entry atomically; ``plot(path)`` draws the histogram. An existing entry is kept."""
+@contextmanager
+def new_entry(cache_dir: Path) -> Iterator[Path]:
+    """A temporary directory that becomes ``cache_dir`` when the block completes; an existing entry is kept."""
     with atomic_directory(cache_dir, replace=False) as tmp:
-        train.save(tmp / "train.arrow")
-        val.save(tmp / "val.arrow")
-        plot(tmp / "lengths.png")
-        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+        yield tmp
 
 
-def read_entry(cache_dir: Path) -> tuple[TokenizedRows, TokenizedRows, dict[str, Any]]:
+def finish_entry(tmp: Path, report: dict[str, Any], plot) -> None:
+    """Write the histogram (``plot(path)``) and, last, the report that marks the entry complete."""
+    plot(tmp / "lengths.png")
+    (tmp / REPORT).write_text(json.dumps(report, indent=2))
+
+
+def read_entry(cache_dir: Path) -> tuple[MappedRows, MappedRows, dict[str, Any]]:
     report = json.loads((cache_dir / REPORT).read_text())
-    return TokenizedRows.load(cache_dir / "train.arrow"), TokenizedRows.load(cache_dir / "val.arrow"), report
+    return MappedRows(cache_dir / "train.arrow"), MappedRows(cache_dir / "val.arrow"), report

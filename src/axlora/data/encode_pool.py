@@ -2,7 +2,8 @@
 
 Formatting a row (string templates, chat-template rendering) and assembling labels is Python work that
 one core does; the fast tokenizer's own threads only speed up the tokenizer call. So large datasets are
-cut into chunks that forked worker processes prepare side by side. The rows reach the workers by
+cut into chunks that forked worker processes prepare side by side, a few chunks ahead of the caller,
+which writes each one away as it arrives. The rows reach the workers by
 ``fork`` (inherited memory, nothing pickled); only the chunk bounds go out and numpy arrays come back.
 
 Each worker tokenizes with the tokenizer's threads off (``TOKENIZERS_PARALLELISM=false``): N processes
@@ -16,7 +17,9 @@ import gc
 import multiprocessing
 import os
 import sys
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from axlora.data.rows import TokenizedRows
 from axlora.data.segments import RowFormat
@@ -45,14 +48,35 @@ def encode_in_chunks(
     processes: int | None,
     char_limits: Sequence[int | None] | None = None,
 ) -> TokenizedRows:
-    """``encode_rows`` over all ``entries``, in order; ``processes`` None: the CPUs available."""
+    """``encode_rows`` over all ``entries``, in order, as one ``TokenizedRows`` (small data, tests)."""
+    return TokenizedRows.concat(list(encode_chunks(
+        entries, formats, tokenizer, train_on_inputs=train_on_inputs, processes=processes, char_limits=char_limits,
+    )))
+
+
+def encode_chunks(
+    entries: Sequence[Entry],
+    formats: Sequence[RowFormat],
+    tokenizer,
+    *,
+    train_on_inputs: bool,
+    processes: int | None,
+    char_limits: Sequence[int | None] | None = None,
+    then: Callable[[TokenizedRows], Any] | None = None,
+) -> Iterator[Any]:
+    """``encode_rows`` of ``CHUNK_ROWS`` entries at a time, in order, as each chunk is ready.
+
+    The caller writes each chunk away before the next, so the tokens of the whole data never sit in memory.
+    ``then`` (run in the worker that tokenized the chunk) turns each chunk into what is yielded instead.
+    ``processes`` None: the CPUs available.
+    """
     bounds = [(start, min(start + CHUNK_ROWS, len(entries))) for start in range(0, len(entries), CHUNK_ROWS)]
     wanted = min(processes or available_cpus(), len(entries) // MIN_ROWS_PER_PROCESS)
     if wanted <= 1 or "fork" not in multiprocessing.get_all_start_methods() or sys.platform != "linux":
-        return TokenizedRows.concat(
-            [encode_rows(entries[a:b], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)
-             for a, b in bounds]
-        )
+        for a, b in bounds:
+            rows = encode_rows(entries[a:b], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)
+            yield then(rows) if then else rows
+        return
     context = multiprocessing.get_context("fork")
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the children at fork time
@@ -60,15 +84,26 @@ def encode_in_chunks(
     # every page of the inherited rows, which fork otherwise shares.
     gc.freeze()
     try:
-        with context.Pool(wanted, initializer=_start, initargs=((entries, formats, tokenizer, train_on_inputs, char_limits),)) as pool:
-            parts = pool.map(_encode_chunk, bounds, chunksize=1)
+        job = (entries, formats, tokenizer, train_on_inputs, char_limits, then)
+        with context.Pool(wanted, initializer=_start, initargs=(job,)) as pool:
+            yield from _bounded_imap(pool, bounds, ahead=2 * wanted)
     finally:
         gc.unfreeze()
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = previous
-    return TokenizedRows.concat(parts)
+
+
+def _bounded_imap(pool, bounds: Sequence[tuple[int, int]], ahead: int) -> Iterator[TokenizedRows]:
+    """Chunk results in order with at most ``ahead`` chunks submitted and not yet taken (memory stays bounded)."""
+    pending: deque = deque()
+    for chunk in bounds:
+        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _start(job: tuple) -> None:
@@ -76,7 +111,8 @@ def _start(job: tuple) -> None:
     _job = job
 
 
-def _encode_chunk(bounds: tuple[int, int]) -> TokenizedRows:
-    entries, formats, tokenizer, train_on_inputs, char_limits = _job
+def _encode_chunk(bounds: tuple[int, int]) -> Any:
+    entries, formats, tokenizer, train_on_inputs, char_limits, then = _job
     start, stop = bounds
-    return encode_rows(entries[start:stop], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)
+    rows = encode_rows(entries[start:stop], formats, tokenizer, train_on_inputs=train_on_inputs, char_limits=char_limits)
+    return then(rows) if then else rows

@@ -76,8 +76,10 @@ def _validated_sizes(lengths: Sequence[int], capacity: int) -> list[int]:
 
 
 def _longest_first(sizes: list[int]) -> list[int]:
-    """Sample indices by decreasing length; ties keep dataset order (Python's sort is stable) for determinism."""
-    return sorted(range(len(sizes)), key=sizes.__getitem__, reverse=True)
+    """Sample indices by decreasing length; ties keep dataset order (a stable sort) for determinism."""
+    import numpy as np
+
+    return np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
 
 
 class _RoomIndex:
@@ -221,3 +223,39 @@ def pack_examples(
     """
     lengths = [len(example["input_ids"]) for example in examples]
     return [_build_row(examples, indices) for indices in pack_sequences(lengths, capacity)]
+
+
+class PackedRows(Sequence):
+    """The rows :func:`pack_examples` would return, built one at a time when read.
+
+    Only the packing itself is kept: each row's sample indices, as two flat integer arrays (a few bytes per
+    sample). ``rows[i]`` reads its samples from ``samples`` (the memory-mapped prepared rows), so a training
+    process holds the batch it trains on, not every packed row.
+    """
+
+    def __init__(self, samples, capacity: int):
+        import numpy as np
+
+        lengths = samples.lengths
+        bins = pack_sequences(lengths.tolist(), capacity)
+        self.samples = samples
+        self.capacity = capacity
+        self.members = np.fromiter((i for row in bins for i in row), dtype=np.int64, count=len(lengths))
+        self.bounds = np.concatenate([[0], np.cumsum([len(row) for row in bins], dtype=np.int64)])
+        self.tokens = int(lengths.sum())
+        """Real (non-pad) tokens over all rows."""
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return _build_row(self.samples, self.members[self.bounds[index]:self.bounds[index + 1]].tolist())
+
+    def __iter__(self):
+        for index in range(len(self)):
+            yield self[index]
+

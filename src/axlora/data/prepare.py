@@ -3,14 +3,14 @@
 The order is fixed and deterministic given ``seed``: every dataset is read (``split`` slicing and
 ``sample`` applied), the rows of all datasets are shuffled together, the validation rows
 (``val_set_size``) are cut off before tokenization, then both parts are tokenized and samples longer
-than ``sequence_len`` are dropped, truncated or refused (``excess_length_strategy``). Samples with no
-token left to train are dropped (their loss would be 0/0). The result is cached by content (``cache.py``):
-an unchanged config and unchanged files reuse it and print "cache hit".
+than ``sequence_len`` are dropped, truncated, split or refused (``excess_length_strategy``). Samples with no
+token left to train are dropped (their loss would be 0/0). Each part is tokenized and written a chunk at a
+time (``part_writer.py``), so the tokens never sit in memory all at once. The result is cached by content
+(``cache.py``): an unchanged config and unchanged files reuse it and print "cache hit".
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,22 +22,25 @@ import numpy as np
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data import cache
-from axlora.data.length_rule import COUNTS, apply_length_rule, untrained_datasets
-from axlora.data.rows import TokenizedRows
+from axlora.data.entries import ShuffledEntries
+from axlora.data.length_rule import COUNTS, refused_error, untrained_datasets
+from axlora.data.part_writer import PartTally, write_part
+from axlora.data.rows import MappedRows, RowsWriter
 from axlora.data.segments import RowFormat
 from axlora.data.sources import Source, load_source, local_files
-from axlora.data.tokenize import Entry, RowError
+from axlora.data.tokenize import RowError
 
 
 @dataclass
 class PreparedData:
     """Tokenized train/validation rows and what preparing did.
 
-    ``train`` and ``val`` are sequences of ``{"input_ids": [...], "labels": [...]}`` (``rows.TokenizedRows``).
+    ``train`` and ``val`` are sequences of ``{"input_ids": [...], "labels": [...]}``, memory-mapped from the
+    cache entry (``rows.MappedRows``).
     """
 
-    train: TokenizedRows
-    val: TokenizedRows
+    train: MappedRows
+    val: MappedRows
     fingerprint: str
     report: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
@@ -52,7 +55,8 @@ def check_datasets(config: Config) -> list[list[Path]]:
 def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Callable[[str], None] = print) -> PreparedData:
     """Prepared data for ``config``: from the cache when its fingerprint matches, else built and cached.
 
-    Logs one status line ("cache hit" or "prepared") and the report summary.
+    Either way the rows are read back memory-mapped from the cache entry. Logs one status line ("cache hit"
+    or "prepared") and the report summary.
     """
     from axlora.data.formats import build_formats
     from axlora.data.report import format_summary
@@ -63,93 +67,107 @@ def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Cal
         log(f"warning: {warning}")
     fingerprint = cache.data_fingerprint(config, tokenizer_fingerprint, formats, files)
     cache_dir = cache.cache_root(config) / fingerprint
-    if cache.is_complete(cache_dir):
-        train, val, report = cache.read_entry(cache_dir)
-        log(f"data: cache hit {cache_dir} ({len(train):,} train / {len(val):,} val rows)")
-        prepared = PreparedData(train, val, fingerprint, report, cache_dir, cache_hit=True)
-    else:
+    hit = cache.is_complete(cache_dir)
+    if not hit:
         started = time.perf_counter()
-        prepared = build_prepared(config, tokenizer, formats, fingerprint)
-        prepared.report["seconds"] = round(time.perf_counter() - started, 3)
-        _write(prepared, cache_dir, config.sequence_len)
-        log(f"data: prepared {len(prepared.train):,} train / {len(prepared.val):,} val rows in "
-            f"{prepared.report['seconds']:.1f} s -> {cache_dir}")
+        with cache.new_entry(cache_dir) as tmp:
+            report, lengths = build_prepared(config, tokenizer, formats, fingerprint, tmp)
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            cache.finish_entry(tmp, report, lambda path: _plot(lengths, config.sequence_len, path))
+    train, val, report = cache.read_entry(cache_dir)
+    prepared = PreparedData(train, val, fingerprint, report, cache_dir, cache_hit=hit)
+    if hit:
+        log(f"data: cache hit {cache_dir} ({len(train):,} train / {len(val):,} val rows)")
+    else:
+        log(f"data: prepared {len(train):,} train / {len(val):,} val rows in {report['seconds']:.1f} s -> {cache_dir}")
     for line in format_summary(prepared.report, config.sample_packing):
         log(f"data: {line}")
     return prepared
 
 
-def _write(prepared: PreparedData, cache_dir: Path, sequence_len: int) -> None:
+def _plot(lengths: np.ndarray, sequence_len: int, path: Path) -> None:
     from axlora.data.report import write_histogram
 
-    lengths = np.asarray(prepared.report.pop("_tokenized_lengths"))
-    cache.write_entry(
-        cache_dir, prepared.train, prepared.val, prepared.report,
-        lambda path: write_histogram(lengths, sequence_len, path),
-    )
-    prepared.cache_dir = cache_dir
+    write_histogram(lengths, sequence_len, path)
 
 
-def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str) -> PreparedData:
-    """Read, take, shuffle, split, tokenize and apply the length rule (no cache involved)."""
+def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str,
+                   out_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """Read, take, shuffle, split, then tokenize each part into ``out_dir/{val,train}.arrow`` chunk by chunk.
+
+    Returns the report and every sample's length as tokenized (for the histogram).
+    """
     sources = [load_source(dataset, config.seed) for dataset in config.datasets]
-    entries: list[Entry] = [
-        (index, position, row)
-        for index, source in enumerate(sources)
-        for position, row in zip(source.positions, source.rows, strict=True)
-    ]
-    random.Random(config.seed).shuffle(entries)
+    entries = ShuffledEntries.shuffled(sources, config.seed)
+    if config.dataset_exact_deduplication:
+        entries = _unique_entries(entries, config)
     val_count = config.val_row_count(len(entries))
-    parts = {"val": entries[:val_count], "train": entries[val_count:]}
-    if not parts["train"]:
+    parts = {"val": entries.part(0, val_count), "train": entries.part(val_count, len(entries))}
+    if not len(parts["train"]):
         raise UserError(f"datasets: no training rows (read {len(entries)}, val_set_size takes {val_count}).")
-    encoded = _encode(config, tokenizer, formats, sources, parts)
-    kept, counts = {}, {}
-    for name, rows in encoded.items():
-        kept[name], counts[name] = apply_length_rule(rows, config, sources, parts[name])
-    totals = {key: counts["train"][key] + counts["val"][key] for key in COUNTS}
-    untrained = untrained_datasets(config, list(kept.values()), totals, [len(s.rows) for s in sources])
+    tallies = _write_parts(config, tokenizer, formats, sources, parts, out_dir)
+    for name, tally in tallies.items():
+        if tally.refused is not None:
+            raise refused_error(config, sources, parts[name][tally.refused], tally.refused_length)
+    totals = {key: tallies["train"].counts[key] + tallies["val"].counts[key] for key in COUNTS}
+    kept = tallies["train"].kept + tallies["val"].kept
+    untrained = untrained_datasets(config, kept, totals, [len(s.rows) for s in sources])
     if untrained:
         raise UserError("\n".join(untrained))
-    report = _report(config, formats, sources, encoded, kept, totals)
+    report = _report(config, formats, sources, tallies, totals)
     report["fingerprint"] = fingerprint
-    return PreparedData(train=kept["train"], val=kept["val"], fingerprint=fingerprint, report=report)
+    return report, np.concatenate([tallies["train"].tokenized_lengths, tallies["val"].tokenized_lengths])
 
 
-def _encode(config: Config, tokenizer, formats: Sequence[RowFormat], sources: Sequence[Source],
-            parts: dict[str, list[Entry]]) -> dict[str, TokenizedRows]:
-    """Tokenize each part; a bad row stops it, naming every bad row of the datasets in file order."""
-    from axlora.data.encode_pool import encode_in_chunks
+def _unique_entries(entries: ShuffledEntries, config: Config) -> ShuffledEntries:
+    """``dataset_exact_deduplication``: of rows equal in content and format, the first (before the validation cut,
+    so no validation row is also trained on)."""
+    import hashlib
+    import json
+
+    seen: set[bytes] = set()
+    keep = []
+    for index in range(len(entries)):
+        dataset, _position, row = entries[index]
+        key = json.dumps([config.datasets[dataset].type, row], sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).digest()
+        if digest not in seen:
+            seen.add(digest)
+            keep.append(index)
+    kept = np.asarray(keep, dtype=np.int64)
+    return ShuffledEntries(entries.sources, entries.dataset[kept], entries.position[kept])
+
+
+def _write_parts(config: Config, tokenizer, formats: Sequence[RowFormat], sources: Sequence[Source],
+                 parts: dict[str, ShuffledEntries], out_dir: Path) -> dict[str, PartTally]:
+    """Tokenize and write each part; a bad row stops it, naming every bad row of the datasets in file order."""
     from axlora.data.tokenize import char_limit
 
     limit = char_limit(tokenizer, config.sequence_len)
     limits = [None if config.length_strategy(d) == "split" else limit for d in config.datasets]
-    encoded = {}
+    tallies = {}
     for name, part in parts.items():
         try:
-            encoded[name] = encode_in_chunks(
-                part, formats, tokenizer, train_on_inputs=config.train_on_inputs, processes=config.dataset_processes,
-                char_limits=limits,
-            )
+            with RowsWriter(out_dir / f"{name}.arrow") as writer:
+                tallies[name] = write_part(config, tokenizer, formats, part, writer, limits)
         except RowError as exc:
             raise bad_rows_error(config, sources, formats, tokenizer, exc) from None
-    return encoded
+    return tallies
 
 
 def _report(config: Config, formats: Sequence[RowFormat], sources: Sequence[Source],
-            encoded: dict[str, TokenizedRows], kept: dict[str, TokenizedRows], totals: dict[str, np.ndarray]) -> dict:
-    from axlora.data.report import length_summary, packing_summary, split_summary
+            tallies: dict[str, PartTally], totals: dict[str, np.ndarray]) -> dict:
+    from axlora.data.report import length_summary, packing_summary
 
-    tokenized_lengths = np.concatenate([encoded["train"].lengths, encoded["val"].lengths])
+    train, val = tallies["train"], tallies["val"]
     per_dataset = []
     for index, (dataset, source) in enumerate(zip(config.datasets, sources, strict=True)):
         entry = {
             "path": dataset.path, "type": formats[index].name, "split": dataset.split,
             "rows_read": source.rows_read, "rows_taken": len(source.rows),
-            "train_rows": int(np.sum(kept["train"].origin == index)),
-            "val_rows": int(np.sum(kept["val"].origin == index)),
+            "train_rows": int(train.kept[index]), "val_rows": int(val.kept[index]),
             "length_strategy": config.length_strategy(dataset),
-            "empty_turns": int(sum(np.sum(rows.empty_turns[rows.origin == index]) for rows in encoded.values())),
+            "empty_turns": int(train.empty_turns[index] + val.empty_turns[index]),
         }
         entry.update({key: int(totals[key][index]) for key in COUNTS})
         per_dataset.append(entry)
@@ -158,16 +176,15 @@ def _report(config: Config, formats: Sequence[RowFormat], sources: Sequence[Sour
         "excess_length_strategy": config.excess_length_strategy or "drop (split for completion)",
         "datasets": per_dataset,
         "rows_read": sum(e["rows_taken"] for e in per_dataset),
-        "train_rows": len(kept["train"]),
-        "val_rows": len(kept["val"]),
+        "train_rows": train.rows,
+        "val_rows": val.rows,
         **{key: sum(e[key] for e in per_dataset) for key in (*COUNTS, "empty_turns")},
-        "train": split_summary(kept["train"]),
-        "val": split_summary(kept["val"]),
-        "train_tokens": int(kept["train"].lengths.sum()),
-        "train_label_tokens": int(kept["train"].scored_counts().sum()),
-        "lengths": length_summary(tokenized_lengths),
-        "packing": packing_summary(kept["train"].lengths, config.sequence_len),
-        "_tokenized_lengths": tokenized_lengths,
+        "train": train.summary(),
+        "val": val.summary(),
+        "train_tokens": train.tokens,
+        "train_label_tokens": train.label_tokens,
+        "lengths": length_summary(np.concatenate([train.tokenized_lengths, val.tokenized_lengths])),
+        "packing": packing_summary(train.kept_lengths, config.sequence_len),
     }
 
 

@@ -6,7 +6,9 @@ filtering, truncation and statistics are vectorised, the cache is two Arrow colu
 and memory-mapped on load, and ``rows[i]`` still gives the loop ``{"input_ids": [...], "labels": [...]}``.
 
 The cache files are Arrow IPC streams with ``input_ids`` and ``labels`` list columns, the layout
-``datasets`` writes, so ``datasets.Dataset.from_file("train.arrow")`` reads one without axlora.
+``datasets`` writes, so ``datasets.Dataset.from_file("train.arrow")`` reads one without axlora. They are
+written a chunk of rows at a time (``RowsWriter``) and read back memory-mapped (``MappedRows``), so neither
+preparing nor training holds all the tokens in memory.
 """
 
 from __future__ import annotations
@@ -131,33 +133,117 @@ class TokenizedRows(Sequence):
 
     def save(self, path: Path) -> None:
         """Write an Arrow IPC stream with ``input_ids`` and ``labels`` list columns."""
-        import pyarrow as pa
-
-        offsets = _arrow(self.offsets, pa.int64())
-        table = pa.Table.from_arrays(
-            [pa.LargeListArray.from_arrays(offsets, _arrow(self.input_ids, pa.int32())),
-             pa.LargeListArray.from_arrays(offsets, _arrow(self.labels, pa.int32()))],
-            names=["input_ids", "labels"],
-        )
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+        with RowsWriter(path) as writer:
+            writer.write(self)
 
     @classmethod
-    def load(cls, path: Path) -> TokenizedRows:
-        """Read what ``save`` wrote, memory-mapped (no copy of the token arrays)."""
+    def load(cls, path: Path) -> MappedRows:
+        """Read what ``save`` or ``RowsWriter`` wrote, memory-mapped (see ``MappedRows``)."""
+        return MappedRows(path)
+
+
+class RowsWriter:
+    """Appends ``TokenizedRows`` to an Arrow IPC stream as record batches, so rows go to disk as they are made."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+
+        self.schema = pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, self.schema)
+        self.rows = 0
+
+    def write(self, rows: TokenizedRows) -> None:
+        import pyarrow as pa
+
+        if len(rows) == 0:
+            return
+        offsets = _arrow(rows.offsets - rows.offsets[0], pa.int64())
+        batch = pa.RecordBatch.from_arrays(
+            [pa.LargeListArray.from_arrays(offsets, _arrow(rows.input_ids, pa.int32())),
+             pa.LargeListArray.from_arrays(offsets, _arrow(rows.labels, pa.int32()))],
+            schema=self.schema,
+        )
+        self._writer.write_batch(batch)
+        self.rows += len(rows)
+
+    def __enter__(self) -> RowsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._writer.close()
+        self._sink.close()
+
+
+class MappedRows(Sequence):
+    """Rows of a cached Arrow stream, memory-mapped: ``rows[i]`` reads row ``i`` only.
+
+    The stream holds many record batches (one per prepared chunk); each batch's token arrays stay views of
+    the mapped file, so a process holds only the row offsets (8 bytes a row) and the pages its batches
+    touch, and the processes of a node share those pages through the OS page cache.
+    """
+
+    origin = None
+    empty_turns = None
+
+    def __init__(self, path: Path):
         import pyarrow as pa
 
         with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        if table.num_rows == 0:
-            return cls.empty()
-        ids_column = table.column("input_ids").combine_chunks()
-        labels_column = table.column("labels").combine_chunks()
-        offsets = ids_column.offsets.to_numpy()
-        base = offsets[0]
-        ids = ids_column.values.to_numpy()[base:offsets[-1]]
-        labels = labels_column.values.to_numpy()[labels_column.offsets.to_numpy()[0]:][: len(ids)]
-        return cls(ids, labels, (offsets - base).astype(np.int64))
+            batches = list(pa.ipc.open_stream(source))
+        self._ids, self._labels, self._offsets = [], [], []
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            ids, labels = batch.column(0), batch.column(1)
+            offsets = ids.offsets.to_numpy()
+            self._ids.append(ids.values.to_numpy()[offsets[0]:offsets[-1]])
+            self._labels.append(labels.values.to_numpy()[labels.offsets.to_numpy()[0]:][: offsets[-1] - offsets[0]])
+            self._offsets.append(offsets - offsets[0])
+        sizes = [len(o) - 1 for o in self._offsets]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _span(self, index: int) -> tuple[int, int, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        batch = int(np.searchsorted(self._starts, index, side="right")) - 1
+        local = index - int(self._starts[batch])
+        offsets = self._offsets[batch]
+        return batch, int(offsets[local]), int(offsets[local + 1])
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        batch, start, end = self._span(index)
+        return {"input_ids": self._ids[batch][start:end].tolist(), "labels": self._labels[batch][start:end].tolist()}
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def length(self, index: int) -> int:
+        _, start, end = self._span(index)
+        return end - start
+
+    @property
+    def lengths(self) -> np.ndarray:
+        if not self._offsets:
+            return np.zeros(0, np.int64)
+        return np.concatenate([np.diff(offsets) for offsets in self._offsets])
+
+    def scored_counts(self) -> np.ndarray:
+        """As ``TokenizedRows.scored_counts``, one batch at a time."""
+        if not self._offsets:
+            return np.zeros(0, np.int64)
+        return np.concatenate([
+            TokenizedRows(ids, labels, offsets).scored_counts()
+            for ids, labels, offsets in zip(self._ids, self._labels, self._offsets, strict=True)
+        ])
 
 
 def _arrow(values: np.ndarray, kind):

@@ -2,7 +2,8 @@
 
 Local files are read here rather than through ``datasets.load_dataset``: a bad row can then be named
 by file and line, nothing is written to the Hugging Face cache, and JSON Lines parse once instead of
-twice. Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
+twice. JSON Lines and Arrow files (and Hub datasets, Arrow-backed) are not held in memory: rows are read
+by position when they are tokenized (``row_readers.py``). Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
 text, as a format expects), .arrow (Arrow IPC, as ``datasets`` saves), .txt (one ``text`` row per line);
 ``ds_type`` names the format of files whose suffix does not.
 
@@ -19,14 +20,16 @@ import io
 import json
 import random
 import re
-from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from axlora.config.datasets import DatasetConfig
 from axlora.core.errors import UserError
+from axlora.data.row_readers import ArrowRows, ConcatRows, JsonLinesRows, RowsView, problem_list
 
 SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 _SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+%?)?\])?$")
@@ -34,15 +37,24 @@ _SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+
 
 @dataclass
 class Source:
-    """The rows of one ``datasets`` entry after ``split`` and ``sample``, and how to name where each came from."""
+    """The rows of one ``datasets`` entry after ``split`` and ``sample``, and how to name where each came from.
 
-    rows: list[dict[str, Any]]
-    positions: list[int]
-    """Index of each row in the whole source (all files concatenated), before slicing and sampling."""
+    ``all_rows`` reads any row of the whole source by position (JSON Lines and Arrow files lazily, see
+    ``row_readers``); ``positions`` are the rows taken, so ``rows`` holds no row until one is read.
+    """
+
+    all_rows: Sequence[dict[str, Any]]
+    positions: np.ndarray
+    """Index of each taken row in the whole source (all files concatenated), before slicing and sampling."""
     rows_read: int
     """Rows the source holds, before ``split`` slicing and ``sample``."""
     files: list[Path] = field(default_factory=list)
     _locator: Callable[[int], str] | None = None
+
+    @property
+    def rows(self) -> RowsView:
+        """The taken rows, in order, read when used."""
+        return RowsView(self.all_rows, self.positions)
 
     def where(self, position: int) -> str:
         """``file:line: row N`` (or ``file: row N``) of the row at ``position``, for error messages."""
@@ -88,17 +100,18 @@ def load_source(dataset: DatasetConfig, seed: int) -> Source:
     """Read one ``datasets`` entry, apply its ``split`` slice and ``sample``."""
     files = local_files(dataset)
     source = _read_local(dataset, files) if files else _read_hub(dataset)
+    positions = np.arange(source.rows_read, dtype=np.int64)
     if files:
         start, stop = split_range(dataset.split, source.rows_read, where=dataset.path)
-        source.rows, source.positions = source.rows[start:stop], list(range(start, stop))
+        positions = positions[start:stop]
     if dataset.shards is not None:
-        start, stop = shard_range(len(source.rows), dataset.shards, dataset.shards_idx or 0)
-        source.rows, source.positions = source.rows[start:stop], source.positions[start:stop]
+        start, stop = shard_range(len(positions), dataset.shards, dataset.shards_idx or 0)
+        positions = positions[start:stop]
     if dataset.sample is not None:
-        count = sample_count(dataset.sample, len(source.rows))
-        picked = sorted(random.Random(f"{seed}:{dataset.path}").sample(range(len(source.rows)), count))
-        source.rows = [source.rows[i] for i in picked]
-        source.positions = [source.positions[i] for i in picked]
+        count = sample_count(dataset.sample, len(positions))
+        picked = sorted(random.Random(f"{seed}:{dataset.path}").sample(range(len(positions)), count))
+        positions = positions[np.asarray(picked, dtype=np.int64)]
+    source.positions = positions
     return source
 
 
@@ -149,27 +162,48 @@ def _file_type(path: Path, dataset: DatasetConfig) -> str:
 
 
 def _read_local(dataset: DatasetConfig, files: list[Path]) -> Source:
-    rows: list[dict[str, Any]] = []
-    starts: list[int] = []
-    lines: list[list[int] | None] = []
+    parts: list[Sequence[dict[str, Any]]] = []
+    lines: list[list[int] | JsonLinesRows | None] = []
     for file in files:
-        starts.append(len(rows))
         kind = _file_type(file, dataset)
-        file_rows, file_lines = READERS[kind](file)
-        if not file_rows:
+        file_rows, file_lines = _json_rows(file) if kind == "json" else READERS[kind](file)
+        if not len(file_rows):
             raise UserError(f"{file}: the data file holds no rows.")
-        rows.extend(file_rows)
+        parts.append(file_rows)
         lines.append(file_lines)
+    rows = ConcatRows(parts)
 
     def locate(position: int) -> str:
-        k = bisect_right(starts, position) - 1
-        local = position - starts[k]
+        k, local = rows.part_of(int(position))
         line_numbers = lines[k]
+        if isinstance(line_numbers, JsonLinesRows):
+            return f"{files[k]}:{line_numbers.line_of(local)}: row {local + 1}"
         if line_numbers is not None:
             return f"{files[k]}:{line_numbers[local]}: row {local + 1}"
         return f"{files[k]}: row {local + 1}"
 
-    return Source(rows, list(range(len(rows))), len(rows), files, locate)
+    return Source(rows, np.arange(len(rows)), len(rows), files, locate)
+
+
+def _json_rows(path: Path) -> tuple[Sequence[dict[str, Any]], JsonLinesRows | list[int] | None]:
+    """JSON Lines indexed and read row by row; a JSON array or a single (multi-line) object read whole.
+
+    A file whose first non-blank line is JSON on its own is JSON Lines (a one-line object is one row either way).
+    """
+    first = _first_line(path)
+    if first is not None and not first.startswith("[") and _parses(first):
+        rows = JsonLinesRows.index(path)
+        return rows, rows
+    return _read_json(path)
+
+
+def _first_line(path: Path) -> str | None:
+    with open(path, "rb") as handle:
+        for line in handle:
+            text = line.decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
+            if text:
+                return text
+    return None
 
 
 def read_text(path: Path) -> str:
@@ -241,16 +275,6 @@ def _parses(line: str) -> bool:
     return True
 
 
-def problem_list(problems: list[str], what: str, shown: int = 5) -> str:
-    """One problem as it is; several as a count and the first ``shown``, in file order."""
-    if len(problems) == 1:
-        return problems[0]
-    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
-    return f"{len(problems)} {what} cannot be used (the first {min(shown, len(problems))}, in file order):\n  " + (
-        "\n  ".join(problems[:shown]) + more
-    )
-
-
 def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
     rows, numbers = [], []
     reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
@@ -279,7 +303,7 @@ def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
         raise UserError(f"{path}: cannot read Parquet: {exc}") from None
 
 
-def _read_arrow(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+def _read_arrow(path: Path) -> tuple[Sequence[dict[str, Any]], None]:
     import pyarrow as pa
 
     try:
@@ -289,12 +313,12 @@ def _read_arrow(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
             except pa.ArrowInvalid:
                 source.seek(0)
                 table = pa.ipc.open_file(source).read_all()
-        return table.to_pylist(), None
     except Exception as exc:
         raise UserError(f"{path}: cannot read Arrow: {exc}") from None
+    return ArrowRows(table), None  # memory-mapped: a row is converted when read
 
 
-READERS: dict[str, Callable[[Path], tuple[list[dict[str, Any]], list[int] | None]]] = {
+READERS: dict[str, Callable[[Path], tuple[Sequence[dict[str, Any]], list[int] | None]]] = {
     "json": _read_json, "csv": _read_csv, "text": _read_text, "parquet": _read_parquet, "arrow": _read_arrow,
 }
 
@@ -313,6 +337,5 @@ def _read_hub(dataset: DatasetConfig) -> Source:
         raise UserError(f"{dataset.path}: cannot load the dataset: {type(exc).__name__}: {exc}") from None
     if not isinstance(loaded, datasets.Dataset):
         raise UserError(f"{dataset.path}: split '{dataset.split}' is not a single split.")
-    rows = loaded.to_list()
-    split = dataset.split
-    return Source(rows, list(range(len(rows))), len(rows), [], lambda i: f"{dataset.path} ({split}): row {i + 1}")
+    split = dataset.split  # ``loaded`` is Arrow-backed and memory-mapped: a row is read when used
+    return Source(loaded, np.arange(len(loaded)), len(loaded), [], lambda i: f"{dataset.path} ({split}): row {i + 1}")

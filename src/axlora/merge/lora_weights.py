@@ -35,7 +35,8 @@ from axlora.merge.safetensors_io import same_bytes
 _UNSUPPORTED_FIELDS = {
     "trainable_token_indices": "trainable token indices",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "target_parameters": "LoRA on parameters such as MoE experts (lora_target_parameters); peft merges them: "
+    "PeftModel.from_pretrained(base, adapter).merge_and_unload()",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which cannot be merged by design",

@@ -18,9 +18,11 @@ from axlora.model.adapter_fit import (
     check_base_model,
     check_targets_exist,
     loaded_weight_shapes,
+    lora_target_module_names,
     short_module_names,
     target_conflicts,
 )
+from axlora.model.unfrozen import unfrozen_modules
 
 
 def fresh_lora_config(config: Config):
@@ -32,10 +34,19 @@ def fresh_lora_config(config: Config):
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules="all-linear" if config.lora_target_linear else list(config.lora_target_modules or []),
+        target_modules=_target_modules(config),
         use_rslora=config.peft_use_rslora,
         **config.peft_kwargs(),
     )
+
+
+def _target_modules(config: Config) -> str | list[str]:
+    """peft's target_modules: all-linear, one regular expression, or a list of names."""
+    if config.lora_target_linear:
+        return "all-linear"
+    if isinstance(config.lora_target_modules, str):
+        return config.lora_target_modules
+    return list(config.lora_target_modules or [])
 
 
 def attach_adapter(model, config: Config, choice: AdapterChoice, log=print):
@@ -45,8 +56,13 @@ def attach_adapter(model, config: Config, choice: AdapterChoice, log=print):
     log(choice.describe())
     check_targets_exist(model, config)
     if choice.case == "fresh":
+        lora = fresh_lora_config(config)
+        if config.unfrozen_parameters:
+            unfrozen = unfrozen_modules(model, config, lora_target_module_names(model, config))
+            lora.modules_to_save = sorted(set(lora.modules_to_save or []) | set(unfrozen))
+            log(f"adapter: trained in full beside the LoRA (unfrozen_parameters): {', '.join(unfrozen)}")
         try:
-            return get_peft_model(model, fresh_lora_config(config))
+            return get_peft_model(model, lora)
         except ValueError as exc:
             raise UserError(f"lora_target_modules: {exc}") from None
     return _continue_adapter(model, config, choice, log)
@@ -64,6 +80,9 @@ def _continue_adapter(model, config: Config, choice: AdapterChoice, log):
     for warning in check_base_model(config, choice.adapter_dir, choice.adapter_config, shapes, base):
         log(f"warning: {warning}")
     conflicts = choice.conflicts + target_conflicts(model, config, shapes)
+    if config.unfrozen_parameters:
+        conflicts.append("unfrozen_parameters: YAML names modules to train in full, the adapter being continued "
+                         "trains its own (its modules_to_save)")
     refuse_if_strict(config, conflicts)
     for conflict in conflicts:
         log(f"warning: {conflict}; the adapter's value is used")

@@ -130,6 +130,8 @@ def refuse_if_strict(config: Config, conflicts: list[str]) -> None:
 def _targets(config: Config) -> str:
     if config.lora_target_linear:
         return "all linear layers"
+    if isinstance(config.lora_target_modules, str):
+        return config.lora_target_modules
     return ", ".join(config.lora_target_modules or [])
 
 

@@ -9,6 +9,7 @@ what a Hub or quantized base's files could not tell.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +224,8 @@ def target_conflicts(model, config: Config, shapes: dict) -> list[str]:
         key, wanted, said = "lora_target_linear", linear_module_names(model), "True (all linear layers"
     elif config.lora_target_modules and "lora_target_modules" in config.model_fields_set:
         key, wanted = "lora_target_modules", _matching_modules(model, config.lora_target_modules)
-        said = f"{sorted(config.lora_target_modules)!r}"
+        targets = config.lora_target_modules
+        said = repr(targets if isinstance(targets, str) else sorted(targets))
     else:
         return []
     if wanted == adapted:
@@ -242,7 +244,16 @@ def linear_module_names(model) -> set[str]:
             if isinstance(module, torch.nn.Linear) and module is not head}
 
 
-def _matching_modules(model, targets: list[str]) -> set[str]:
+def lora_target_module_names(model, config: Config) -> set[str]:
+    """The modules a fresh LoRA adapts: every linear layer (lora_target_linear) or those lora_target_modules names."""
+    if config.lora_target_linear:
+        return linear_module_names(model)
+    return _matching_modules(model, config.lora_target_modules or [])
+
+
+def _matching_modules(model, targets: list[str] | str) -> set[str]:
+    if isinstance(targets, str):  # peft: one string is a regular expression the whole module path must match
+        return {name for name, _ in model.named_modules() if re.fullmatch(targets, name)}
     return {name for name, _ in model.named_modules() if any(_targets(name, t) for t in targets)}
 
 
@@ -252,8 +263,13 @@ def _targets(module_name: str, target: str) -> bool:
 
 
 def check_targets_exist(model, config: Config) -> None:
-    """Every ``lora_target_modules`` entry must name some module of the base: peft drops the others silently."""
+    """Every ``lora_target_modules`` entry (or its regular expression) must name some module of the base, and every
+    ``lora_target_parameters`` entry some parameter: peft drops the others silently."""
+    _check_target_parameters(model, config)
     targets = config.lora_target_modules or []
+    if isinstance(targets, str):
+        _check_target_pattern(model, config, targets)
+        return
     names = [name for name, _ in model.named_modules()]
     missing = [target for target in targets if not any(_targets(name, target) for name in names)]
     if not missing:
@@ -268,3 +284,25 @@ def check_targets_exist(model, config: Config) -> None:
 
 def short_module_names(modules: set[str]) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in modules})
+
+
+def _check_target_pattern(model, config: Config, pattern: str) -> None:
+    try:
+        matched = _matching_modules(model, pattern)
+    except re.error as exc:
+        raise UserError(f"lora_target_modules: '{pattern}' is not a valid regular expression: {exc}") from None
+    if not matched:
+        raise UserError(
+            f"lora_target_modules: the regular expression '{pattern}' matches no module path of base_model "
+            f"'{config.base_model}' (the whole path must match, e.g. model.layers.0.self_attn.q_proj)"
+        )
+
+
+def _check_target_parameters(model, config: Config) -> None:
+    names = [name for name, _ in model.named_parameters()]
+    missing = [t for t in config.lora_target_parameters or [] if not any(_targets(name, t) for name in names)]
+    if missing:
+        raise UserError(
+            f"lora_target_parameters: {', '.join(repr(t) for t in missing)} name no parameter of base_model "
+            f"'{config.base_model}' (expert weights are named like mlp.experts.gate_up_proj)"
+        )

@@ -10,9 +10,11 @@ from collections.abc import Callable
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
+from axlora.model.kernels import apply_kernels, hub_kernels_kwargs
 from axlora.model.machine import (
     require_attention_support,
     require_quantization_support,
+    require_sharded_quantization_support,
 )
 from axlora.model.source import resolve_base_model, transformers_class
 from axlora.model.tokenizer import load_tokenizer
@@ -33,12 +35,19 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
         raise UserError(f"base_model: cannot load '{config.base_model}': {exc}") from None
     except ImportError as exc:
         raise UserError(f"base_model: loading '{config.base_model}' needs a package that is missing: {exc}") from None
+    model = apply_kernels(model, config, log)
+    if config.quantize_moe_experts:
+        from axlora.model.expert_quant import quantize_moe_experts
+
+        quantize_moe_experts(model, log)
     if tokenizer is None:
         tokenizer = load_tokenizer(config, log=lambda _message: None)
     # new rows of an empty model get their values from the loading rank: nothing to compute them from here
     resize_embeddings(model, len(tokenizer), config, log, mean_resizing=config.mean_resizing_embeddings and not empty)
     if config.quantization_bits():
         from peft import prepare_model_for_kbit_training
+
+        _keep_cpu_4bit_layers_differentiable(model)
 
         model = prepare_model_for_kbit_training(
             model,
@@ -50,6 +59,15 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
     if config.gradient_checkpointing:
         model.config.use_cache = False
     return model
+
+
+def _keep_cpu_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes repacks a 4-bit weight for its fast CPU inference kernel on the first eval-mode forward without
+    gradients (an evaluation), and that kernel has no backward: every later training step would get no gradient.
+    Training needs the weights as they are, so the repacking is switched off on each 4-bit layer."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _empty_model(model_cls, source: str, kwargs: dict):
@@ -88,15 +106,20 @@ def model_load_kwargs(config: Config, dtype, source: str, log: Callable[[str], N
     if attention is not None:
         require_attention_support(config, attention)
         kwargs["attn_implementation"] = attention
-        note = " (xformers_attention runs PyTorch's memory-efficient SDPA kernel)" if config.xformers_attention else ""
-        log(f"attention: {attention}{note}")
+        note = config.attention_note()
+        log(f"attention: {attention}" + (f" ({note})" if note else ""))
+    kwargs.update(hub_kernels_kwargs(config, log))
     bits = config.quantization_bits()
     if bits:
         require_quantization_support(config, bits)
+        require_sharded_quantization_support(config)
         kwargs["quantization_config"] = bitsandbytes_config(config, bits, dtype)
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs["device_map"] = {"": _quantized_device()}
         log(f"quantization: base weights in {'4-bit NF4 (double quantization)' if bits == 4 else '8-bit'}, "
             f"compute in {str(dtype).replace('torch.', '')}")
+    if config.model_quantization_config:
+        kwargs["quantization_config"] = quantization_config_object(config)
+        log(f"quantization: {config.model_quantization_config}({config.model_quantization_config_kwargs or {}})")
     if config.overrides_of_model_config:
         from transformers import AutoConfig
 
@@ -105,6 +128,28 @@ def model_load_kwargs(config: Config, dtype, source: str, log: Callable[[str], N
             **({"revision": config.revision_of_model} if config.revision_of_model else {}),
         )
     return kwargs
+
+
+def quantization_config_object(config: Config):
+    """``model_quantization_config`` (a transformers class name) built with ``model_quantization_config_kwargs``."""
+    import transformers
+
+    name = config.model_quantization_config
+    cls = getattr(transformers, name or "", None)
+    if not isinstance(cls, type) or not issubclass(cls, transformers.utils.quantization_config.QuantizationConfigMixin):
+        raise UserError(f"model_quantization_config: transformers has no quantization config class '{name}' "
+                        "(e.g. Mxfp4Config, BitsAndBytesConfig).")
+    try:
+        return cls(**(config.model_quantization_config_kwargs or {}))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"model_quantization_config_kwargs: {name} does not take these arguments: {exc}") from None
+
+
+def _quantized_device() -> int | str:
+    """bitsandbytes quantizes while loading, on the device the weights land on: this rank's GPU, else the CPU."""
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
 
 
 def bitsandbytes_config(config: Config, bits: int, compute_dtype):
@@ -118,6 +163,9 @@ def bitsandbytes_config(config: Config, bits: int, compute_dtype):
             "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": compute_dtype,
         }
+        if config.uses_fsdp():
+            # FSDP-QLoRA: packed 4-bit weights stored in the compute dtype, so FSDP flattens them with the rest
+            recipe["bnb_4bit_quant_storage"] = compute_dtype
     else:
         recipe = {"load_in_8bit": True}
     return BitsAndBytesConfig(**{**recipe, **(config.bnb_config_kwargs or {})})

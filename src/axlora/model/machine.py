@@ -1,5 +1,5 @@
-"""What the machine must provide for the config: a CUDA GPU and bitsandbytes for 4/8-bit weights, the
-flash-attn package for flash attention, ``kernels`` for Hub attention kernels.
+"""What the machine must provide for the config: bitsandbytes for 4/8-bit weights (with a CUDA GPU, or its CPU
+backend), the flash-attn package and a GPU for flash attention, ``kernels`` for Hub attention kernels.
 
 Checked just before data preparation and again before the load, never when the config is validated: a
 config validates anywhere, and a run on the wrong machine stops with one message naming the key.
@@ -21,20 +21,27 @@ def _quantization_key(config: Config, bits: int) -> str:
 
 
 def require_quantization_support(config: Config, bits: int) -> None:
-    """Quantized weights need bitsandbytes and a CUDA GPU; say which is missing and how to run without."""
+    """Quantized weights need bitsandbytes (0.48 and later also run them on a CPU); say what is missing."""
     import torch
 
     missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible")
     if importlib.util.find_spec("bitsandbytes") is None:
         missing.append("the bitsandbytes package is not installed (pip install bitsandbytes)")
+    elif not torch.cuda.is_available() and not _bitsandbytes_runs_on_cpu():
+        missing.append("no CUDA GPU is visible and this bitsandbytes has no CPU backend (0.48 or later has one)")
     if missing:
         off = "adapter: lora and load_in_4bit: false" if bits == 4 else "load_in_8bit: false"
         raise UserError(
-            f"{_quantization_key(config, bits)}: {bits}-bit quantized base weights (QLoRA) need a CUDA GPU and "
-            f"bitsandbytes, but {' and '.join(missing)}. To train here without quantization, set {off}."
+            f"{_quantization_key(config, bits)}: {bits}-bit quantized base weights (QLoRA) need bitsandbytes, "
+            f"but {' and '.join(missing)}. To train here without quantization, set {off}."
         )
+
+
+def _bitsandbytes_runs_on_cpu() -> bool:
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("bitsandbytes").split(".")[:2])
+    return (major, minor) >= (0, 48)
 
 
 def require_machine_support(config: Config) -> None:
@@ -45,6 +52,16 @@ def require_machine_support(config: Config) -> None:
     bits = config.quantization_bits()
     if bits:
         require_quantization_support(config, bits)
+    require_sharded_quantization_support(config)
+
+
+def require_sharded_quantization_support(config: Config) -> None:
+    """FSDP-QLoRA shards bitsandbytes' packed weights with FSDP on CUDA GPUs; on CPUs it is not available."""
+    import torch
+
+    if config.uses_fsdp() and config.quantization_bits() and not torch.cuda.is_available():
+        raise UserError("fsdp / load_in_4bit: FSDP with a 4-bit base (FSDP-QLoRA) needs CUDA GPUs, and none is "
+                        "visible. Here, train QLoRA without fsdp (one process), or the full-precision base with fsdp.")
 
 
 def _attention_key(config: Config) -> str:

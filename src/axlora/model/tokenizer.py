@@ -23,6 +23,8 @@ def load_tokenizer(config: Config, log: Callable[[str], None] = print):
     A missing pad token falls back to EOS (pads are masked out of the loss anyway).
     """
     source = config.tokenizer_config or resolve_base_model(config.base_model)
+    if config.tokenizer_use_mistral_common:
+        return _mistral_common_tokenizer(config, source)
     tokenizer_cls = transformers_class(config.tokenizer_type or "AutoTokenizer", "tokenizer_type")
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.revision_of_model and not config.tokenizer_config:
@@ -46,6 +48,27 @@ def load_tokenizer(config: Config, log: Callable[[str], None] = print):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def _mistral_common_tokenizer(config: Config, source: str):
+    """``tokenizer_use_mistral_common``: Mistral's tokenizer files read by mistral-common, in its fine-tuning mode
+    (conversations may end with the assistant's turn). Its chat format is mistral-common's own."""
+    import importlib.util
+
+    if importlib.util.find_spec("mistral_common") is None:
+        raise UserError("tokenizer_use_mistral_common: needs the mistral-common package (pip install mistral-common).")
+    for key in ("tokens", "special_tokens", "chat_template", "chat_template_jinja", "tokenizer_type"):
+        if getattr(config, key):
+            raise UserError(f"tokenizer_use_mistral_common / {key}: mistral-common's tokenizer has a fixed vocabulary "
+                            f"and chat format; remove {key}.")
+    from transformers import MistralCommonBackend
+
+    kwargs = {"revision": config.revision_of_model} if config.revision_of_model and not config.tokenizer_config else {}
+    try:
+        return MistralCommonBackend.from_pretrained(source, mode="finetuning", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"tokenizer_use_mistral_common: cannot load Mistral's tokenizer from '{source}': "
+                        f"{str(exc).splitlines()[0]}") from None
 
 
 def add_configured_tokens(tokenizer, config: Config) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data.collate import PackedCollator, PaddedCollator
-from axlora.data.pack import pack_examples
+from axlora.data.pack import PackedRows
 from axlora.data.prepare import PreparedData, prepare_data
 from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
 from axlora.train.runtime import Runtime
@@ -60,9 +60,8 @@ def lay_out_rows(config: Config, tokenizer, prepared: PreparedData, say) -> Trai
     if not config.sample_packing:
         collate = PaddedCollator(pad_token_id=pad, **config.padding())
         return TrainingData(tokenizer, prepared, prepared.train, collate, prepared.val, val_collate)
-    rows = pack_examples(prepared.train, config.sequence_len)
-    real = sum(len(r["input_ids"]) for r in rows)
+    rows = PackedRows(prepared.train, config.sequence_len)  # built per batch from the mapped samples
     say(f"packing: {len(prepared.train)} samples -> {len(rows)} rows of {config.sequence_len} "
-        f"({100 * real / (len(rows) * config.sequence_len):.1f}% full)")
+        f"({100 * rows.tokens / (len(rows) * config.sequence_len):.1f}% full)")
     collate = PackedCollator(pad_token_id=pad, **config.padding())
     return TrainingData(tokenizer, prepared, rows, collate, prepared.val, val_collate)

@@ -31,7 +31,7 @@ def _interval(config: Config, kind: Literal["eval", "save"], steps_per_epoch: in
     per_epoch = getattr(config, f"{kind}s_per_epoch")
     every = getattr(config, f"{kind}_steps")
     strategy = getattr(config, f"{kind}_strategy")
-    if strategy == "no":
+    if strategy == "no" or per_epoch == 0:  # evals_per_epoch: 0 / saves_per_epoch: 0: none on the way
         return None
     if per_epoch:
         return max(1, round(steps_per_epoch / per_epoch))

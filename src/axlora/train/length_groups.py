@@ -33,8 +33,17 @@ class LengthGroupedOrder(DataOrder):
         return tuple(grouped)
 
 
+@dataclass(frozen=True)
+class SequentialOrder(DataOrder):
+    """``curriculum_sampling``: every epoch trains on the rows in their prepared order (no shuffle)."""
+
+    def _order(self, epoch: int) -> tuple[int, ...]:
+        return tuple(range(self.num_rows))
+
+
 def build_data_order(config: Config, rows, world_size: int) -> DataOrder:
-    """The step schedule for ``rows``: length-grouped when ``group_by_length`` (and not packing)."""
+    """The step schedule for ``rows``: in order for ``curriculum_sampling``, length-grouped when
+    ``group_by_length`` (and not packing), else shuffled each epoch."""
     common = dict(
         num_rows=len(rows),
         micro_batch_size=config.micro_batch_size,
@@ -42,6 +51,8 @@ def build_data_order(config: Config, rows, world_size: int) -> DataOrder:
         world_size=world_size,
         seed=config.seed,
     )
+    if config.curriculum_sampling:
+        return SequentialOrder(**common)
     if config.group_by_length and not config.sample_packing:
         return LengthGroupedOrder(**common, lengths=tuple(len(row["input_ids"]) for row in rows))
     return DataOrder(**common)

@@ -32,14 +32,40 @@ def load_model(config: Config, runtime: Runtime, tokenizer, adapter: AdapterChoi
 
 
 def choose_loss(config: Config, peft_model, say) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context for the training forward: the model's own loss, or ``chunked_cross_entropy``'s."""
-    if not config.chunked_cross_entropy:
-        return contextlib.nullcontext
-    from axlora.train.chunked_loss import ChunkedCrossEntropy  # imports torch
+    """A context for the training forward and backward: the model's own loss or ``chunked_cross_entropy``'s, and
+    with ``activation_offloading`` the activations kept for backward moved to CPU memory."""
+    contexts: list[Callable[[], contextlib.AbstractContextManager]] = []
+    if config.chunked_cross_entropy:
+        from axlora.train.chunked_loss import ChunkedCrossEntropy  # imports torch
 
-    chunked = ChunkedCrossEntropy(peft_model.get_base_model(), config.chunked_cross_entropy_num_chunks)
-    say(f"loss: chunked cross-entropy ({config.chunked_cross_entropy_num_chunks} chunks, label tokens only)")
-    return chunked.active
+        chunked = ChunkedCrossEntropy(peft_model.get_base_model(), config.chunked_cross_entropy_num_chunks)
+        say(f"loss: chunked cross-entropy ({config.chunked_cross_entropy_num_chunks} chunks, label tokens only)")
+        contexts.append(chunked.active)
+    if config.activation_offloading:
+        contexts.append(_offloaded_activations(say))
+    if not contexts:
+        return contextlib.nullcontext
+    if len(contexts) == 1:
+        return contexts[0]
+    return lambda: _all_of(contexts)
+
+
+@contextlib.contextmanager
+def _all_of(contexts):
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context())
+        yield
+
+
+def _offloaded_activations(say) -> Callable[[], contextlib.AbstractContextManager]:
+    """torch's saved-tensor hooks: each tensor autograd keeps for backward waits in (pinned) CPU memory and comes
+    back for its backward; the values, and so the losses and gradients, are the same."""
+    import torch
+
+    pin = torch.cuda.is_available()
+    say("memory: activations saved for backward wait in CPU memory (activation_offloading)")
+    return lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin)
 
 
 def config_as_trained(config: Config, peft_model, adapter: AdapterChoice) -> Config:

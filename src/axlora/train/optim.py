@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from functools import partial
 from types import SimpleNamespace
 
 from axlora.config.schema import Config
@@ -50,9 +52,26 @@ def build_optimizer(model, config: Config, optimizer_cls, kwargs):
 def build_lr_scheduler(optimizer, config: Config, total_steps: int):
     from transformers import get_scheduler
 
+    if config.lr_quadratic_warmup:  # the config allows it with lr_scheduler: cosine only
+        return _cosine_with_quadratic_warmup(optimizer, config.derived_warmup_steps(total_steps), total_steps)
     return get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=config.derived_warmup_steps(total_steps),
         num_training_steps=total_steps,
     )
+
+
+def quadratic_warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Axolotl's ``lr_quadratic_warmup``: (step / warmup)^2 during warm-up, then a half cosine to 0."""
+    if step < warmup_steps:
+        return (step / max(1, warmup_steps)) ** 2
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _cosine_with_quadratic_warmup(optimizer, warmup_steps: int, total_steps: int):
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, partial(quadratic_warmup_cosine_factor, warmup_steps=warmup_steps,
+                                       total_steps=total_steps))

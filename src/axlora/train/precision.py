@@ -26,19 +26,28 @@ class Precision:
 
 
 def choose_precision(config: Config) -> Precision:
-    """``bf16: auto`` means bf16 where a CUDA GPU supports it, else fp32 (CPU bf16 is slow and lossy)."""
+    """``bf16: auto`` means bf16 where a CUDA GPU supports it, else fp32 (CPU bf16 is slow and lossy).
+
+    Axolotl's ``bfloat16`` / ``float16`` / ``float32`` name the dtype the weights load in: the same as
+    ``bf16: true`` / ``fp16: true`` / ``bf16: false`` here, where the base weights always load in the run's
+    dtype and the LoRA weights stay in float32."""
     import torch
 
     cuda = torch.cuda.is_available()
     if config.tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if config.fp16:
+    if config.fp16 or config.float16:
         if not cuda:
-            raise UserError("fp16: float16 mixed precision needs a CUDA GPU; none is visible. Set fp16: false.")
+            key = "fp16" if config.fp16 else "float16"
+            raise UserError(f"{key}: float16 training needs a CUDA GPU; none is visible. Set {key}: false.")
         return Precision("fp16")
-    if config.bf16 == "auto":
+    if config.float32:
+        return Precision("fp32")
+    bf16 = True if config.bfloat16 else config.bf16
+    if bf16 == "auto":
         return Precision("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
-    if config.bf16 and cuda and not torch.cuda.is_bf16_supported():
-        raise UserError("bf16: this GPU does not support bfloat16; set bf16: false or auto.")
-    return Precision("bf16" if config.bf16 else "fp32")
+    if bf16 and cuda and not torch.cuda.is_bf16_supported():
+        key = "bfloat16" if config.bfloat16 else "bf16"
+        raise UserError(f"{key}: this GPU does not support bfloat16; set {key}: false (or bf16: auto).")
+    return Precision("bf16" if bf16 else "fp32")

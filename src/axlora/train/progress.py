@@ -46,6 +46,10 @@ class Progress:
         for key in ("loss", "eval_loss"):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4f}")
+        for key, label in (("rewards/margins", "margin"), ("rewards/accuracies", "acc"),
+                           ("eval_rewards/margins", "eval_margin"), ("eval_rewards/accuracies", "eval_acc")):
+            if key in metrics:  # preference tuning (rl:)
+                parts.append(f"{label} {metrics[key]:.4f}")
         if "lr" in metrics:
             parts.append(f"lr {metrics['lr']:.2e}")
         if "tokens_per_second" in metrics:

@@ -38,6 +38,19 @@ from axlora.train.metrics import MetricsLog
 from axlora.train.model_setup import choose_loss, config_as_trained, load_model, parameters_line
 from axlora.train.optim import build_lr_scheduler, build_optimizer
 from axlora.train.parallel import DataParallel
+from axlora.train.preference_setup import (
+    build_objective,
+    check_preference_run,
+    lay_out_preference_rows,
+    preference_prompt_texts,
+    prepare_preference_rows,
+)
+from axlora.train.preference_step import (
+    PreferenceObjective,
+    no_loss_patch,
+    preference_evaluate,
+    preference_step,
+)
 from axlora.train.progress import Progress
 from axlora.train.resume import Resume, decide_resume, load_checkpoint_adapter, restore_training_state
 from axlora.train.runtime import Runtime, start_runtime
@@ -106,6 +119,7 @@ class TrainingRun:
     completions_before: list[str]
     metrics: MetricsLog
     progress: Progress
+    objective: PreferenceObjective | None = None  # rl: the preference objective instead of the token loss
 
     def __init__(self, config: Config, log=print, stop: StopRequests | None = None):
         self.config = config
@@ -132,19 +146,22 @@ class TrainingRun:
         config = self.config
         # decided from the config and the disk alone, before torch loads: a bad lora_model_dir fails in a second
         check_eval_settings(config)
+        if config.rl:
+            check_preference_run(config)
         self.adapter = resolve_adapter(config)
         require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
         self.runtime = start_runtime(config, self.log)
         checkpoint = ckpt.resolve_resume(config, self.say)
-        tokenizer, prepared = prepare_rows(config, self.runtime)
+        prepare, lay_out = (prepare_preference_rows, lay_out_preference_rows) if config.rl else (prepare_rows, lay_out_rows)
+        tokenizer, prepared = prepare(config, self.runtime)
         self.resume = decide_resume(config, self.runtime, checkpoint, prepared.fingerprint)
-        self.data = lay_out_rows(config, tokenizer, prepared, self.say)
+        self.data = lay_out(config, tokenizer, prepared, self.say)
         self._setup_model()
         optimizer = self._setup_optimizer()
         if self.resume.resuming:
             load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
         self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
-        self.prompts = sample_prompt_texts(config, tokenizer)
+        self.prompts = (preference_prompt_texts if config.rl else sample_prompt_texts)(config, tokenizer)
         self.completions_before = self._complete_prompts()
         if self.resume.resuming:
             self._restore_training_state()
@@ -152,7 +169,9 @@ class TrainingRun:
 
     def _setup_model(self) -> None:
         self.model = load_model(self.config, self.runtime, self.data.tokenizer, self.adapter)
-        self.loss_mode = choose_loss(self.config, self.model, self.say)
+        if self.config.rl:  # before a checkpoint's weights load: the reference is the round's starting adapter
+            self.objective = build_objective(self.config, self.model, self.adapter, self.data, self.runtime)
+        self.loss_mode = no_loss_patch if self.config.rl else choose_loss(self.config, self.model, self.say)
         self.config_as_trained = config_as_trained(self.config, self.model, self.adapter)
         self.say(parameters_line(self.model, self.runtime.precision))
 
@@ -206,12 +225,12 @@ class TrainingRun:
         steps_per_epoch = self.order.steps_per_epoch
         self.progress = Progress(total, self.counters.start_step, enabled=self.runtime.is_main)
         if config.eval_on_start and self.counters.start_step == 0:
-            self._log({"step": 0, "eval_loss": self._evaluate(0)})
+            self._log({"step": 0, **self._evaluate(0)})
         for step in range(self.counters.start_step, total):
             row = self._step(step)
             done = self.counters.step
             if self.data.val_rows and evaluates_at(config, done, total, steps_per_epoch):
-                row = {**(row or {"step": done}), "eval_loss": self._evaluate(done)}
+                row = {**(row or {"step": done}), **self._evaluate(done)}
             if row is not None:
                 self._log(row)
             if self.early.should_stop and done < total:
@@ -227,8 +246,12 @@ class TrainingRun:
     def _step(self, step: int) -> dict[str, Any] | None:
         """Train one step; returns its metrics row when this step logs (``logging_steps``, and the last)."""
         started = time.perf_counter()
-        result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
-                            self.config.max_grad_norm, self.loss_mode)
+        if self.objective is not None:
+            result = preference_step(self.objective, self.model, self.parallel, self.order, step, self.data.train_rows,
+                                     self.data.collate, self.config.max_grad_norm)
+        else:
+            result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
+                                self.config.max_grad_norm, self.loss_mode)
         self._check_finite(step + 1, result)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -236,7 +259,8 @@ class TrainingRun:
         self.counters.add(result, seconds)
         done = self.counters.step
         last = {"step": done, "epoch": round(self.order.epoch_of(done), 4), "loss": result.loss, "lr": lr,
-                "grad_norm": result.grad_norm, "tokens_per_second": result.tokens / max(seconds, 1e-9)}
+                "grad_norm": result.grad_norm, "tokens_per_second": result.tokens / max(seconds, 1e-9),
+                **(result.figures or {})}
         self.counters.last = last
         self.progress.update(done, last)
         return dict(last) if (done % self.config.logging_steps == 0 or done == self.total_steps) else None
@@ -265,12 +289,17 @@ class TrainingRun:
         raise RunInterrupted(self.stop.signum, f"stopped by {signal_name(self.stop.signum)} after step {done}/"
                              f"{self.total_steps}; saved {self.layout.checkpoint(done)}.")
 
-    def _evaluate(self, step: int) -> float:
-        eval_loss = evaluate(self.model, self.runtime.accelerator, self.data.val_rows, self.data.val_collate,
-                             self.config.micro_batch_size)
-        self.early.observe(step, eval_loss, self.unwrapped, self.parallel)
-        self.counters.eval_loss = eval_loss
-        return eval_loss
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """``eval_loss`` (and under rl: the eval rewards and log-probs) on the validation rows."""
+        if self.objective is not None:
+            row = preference_evaluate(self.objective, self.model, self.runtime.accelerator, self.data.val_rows,
+                                      self.data.val_collate, self.config.micro_batch_size)
+        else:
+            row = {"eval_loss": evaluate(self.model, self.runtime.accelerator, self.data.val_rows,
+                                         self.data.val_collate, self.config.micro_batch_size)}
+        self.early.observe(step, row["eval_loss"], self.unwrapped, self.parallel)
+        self.counters.eval_loss = row["eval_loss"]
+        return row
 
     def _log(self, row: dict[str, Any]) -> None:
         """One row to logs/metrics.jsonl, the trackers and the console."""

@@ -21,6 +21,7 @@ class StepResult(NamedTuple):
     grad_norm: float  # before clipping; nan when not clipped
     tokens: int
     label_tokens: int
+    figures: dict[str, float] | None = None  # preference tuning: rewards and log-probs per side (TRL's names)
 
 
 def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_grad_norm, loss_mode) -> StepResult:

@@ -1,0 +1,138 @@
+"""Axolotl's preference row formats, read into one shape: the prompt's messages and the answers.
+
+Pairs (DPO, IPO, SimPO, ORPO) hold a chosen and a rejected answer to the same prompt; KTO rows hold one
+completion and whether it is desirable. ``chatml.*`` and ``llama3.*`` differ only in the template they
+render with (``PreferenceDatasetConfig.template_setting``), so both read the same fields:
+
+* ``*.intel``: ``system`` (optional), ``question``, ``chosen``, ``rejected`` (Intel's orca_dpo_pairs);
+* ``*.argilla``: ``instruction``, ``chosen_response``, ``rejected_response``; KTO: ``instruction``,
+  ``completion``, ``label``;
+* ``*.ultra``: ``prompt``, ``chosen`` and ``rejected`` as message lists (UltraFeedback); KTO: ``prompt``,
+  ``completion``, ``label``;
+* ``*.prompt_pairs``: ``system`` (optional), ``prompt``, ``chosen``, ``rejected``;
+* ``chat_template.default``: the prompt's messages in ``field_messages``, each answer in ``field_chosen`` /
+  ``field_rejected`` as text, a message or a message list (its last message is the answer);
+* ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``; KTO:
+  ``field_completion``, ``field_label``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from axlora.config.preference_keys import PreferenceDatasetConfig
+from axlora.data.chat_messages import DEFAULT_ROLES, content_text
+from axlora.data.segments import RowFormatError
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One row: the prompt as messages, and the answers it is judged by (KTO: ``chosen`` is the completion,
+    ``rejected`` is None and ``desirable`` its label)."""
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str | None = None
+    desirable: bool = True
+
+
+def _text(row: Mapping[str, Any], field: str) -> str:
+    if row.get(field) is None:
+        raise RowFormatError(field, f"missing field '{field}'")
+    return content_text(row[field], field)
+
+
+def _prompt(row: Mapping[str, Any], system_field: str, field: str) -> list[Message]:
+    messages = [{"role": "user", "content": _text(row, field)}]
+    system = row.get(system_field)
+    if isinstance(system, str) and system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _answer(value: Any, field: str, content_key: str = "content") -> str:
+    """An answer given as text, a message, or a message list whose last message is the answer."""
+    if value is None:
+        raise RowFormatError(field, f"missing field '{field}'")
+    if isinstance(value, list):
+        if not value:
+            raise RowFormatError(field, f"field '{field}' is an empty message list")
+        return _answer(value[-1], f"{field}[{len(value) - 1}]", content_key)
+    if isinstance(value, Mapping):
+        return content_text(value.get(content_key), f"{field}.{content_key}")
+    return content_text(value, field)
+
+
+def _label(row: Mapping[str, Any], field: str) -> bool:
+    value = row.get(field)
+    if not isinstance(value, bool):
+        raise RowFormatError(field, f"field '{field}' must be true (desirable) or false (undesirable), got {value!r}")
+    return value
+
+
+def _ultra_prompt(row: Mapping[str, Any]) -> list[Message]:
+    return [{"role": "user", "content": _text(row, "prompt")}]
+
+
+def _messages(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], list[Message]]:
+    """chat_template.default's prompt: a message list read with the dataset's mappings and role names."""
+    mappings = dict(dataset.message_property_mappings or {})
+    role_key, content_key = mappings.get("role", "role"), mappings.get("content", "content")
+    aliases = {source: target for target, sources in (dataset.roles or DEFAULT_ROLES).items() for source in sources}
+
+    def read(row: Mapping[str, Any]) -> list[Message]:
+        raw = row.get(dataset.field_messages)
+        if not isinstance(raw, list) or not raw:
+            raise RowFormatError(dataset.field_messages,
+                                 f"field '{dataset.field_messages}' must be a non-empty list of messages (the prompt)")
+        messages = []
+        for index, message in enumerate(raw):
+            where = f"{dataset.field_messages}[{index}]"
+            if not isinstance(message, Mapping) or not isinstance(message.get(role_key), str):
+                raise RowFormatError(where, f"{where} must be a mapping with '{role_key}' and '{content_key}'")
+            role = message[role_key]
+            messages.append({"role": aliases.get(role, role),
+                             "content": content_text(message.get(content_key), f"{where}.{content_key}")})
+        return messages
+
+    return read
+
+
+def pair_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], PreferenceExample]:
+    """The reader of a chosen / rejected pair for the dataset's type."""
+    kind = dataset.type.split(".", 1)[1]
+    if dataset.type == "chat_template.default":
+        prompt = _messages(dataset)
+        content_key = (dataset.message_property_mappings or {}).get("content", "content")
+        return lambda row: PreferenceExample(prompt(row), _answer(row.get(dataset.field_chosen), dataset.field_chosen,
+                                             content_key),
+                                             _answer(row.get(dataset.field_rejected), dataset.field_rejected, content_key))
+    fields = {
+        "intel": (lambda row: _prompt(row, "system", "question"), "chosen", "rejected"),
+        "argilla": (lambda row: _prompt(row, "system", "instruction"), "chosen_response", "rejected_response"),
+        "ultra": (_ultra_prompt, "chosen", "rejected"),
+        "prompt_pairs": (lambda row: _prompt(row, "system", "prompt"), "chosen", "rejected"),
+        "default": (lambda row: _prompt(row, dataset.field_system, dataset.field_prompt), dataset.field_chosen,
+                    dataset.field_rejected),
+    }
+    prompt, chosen, rejected = fields[kind]
+    return lambda row: PreferenceExample(prompt(row), _answer(row.get(chosen), chosen),
+                                         _answer(row.get(rejected), rejected))
+
+
+def kto_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], PreferenceExample]:
+    """The reader of a KTO row (prompt, completion, label) for the dataset's type."""
+    kind = dataset.type.split(".", 1)[1]
+    fields = {
+        "argilla": (lambda row: _prompt(row, "system", "instruction"), "completion", "label"),
+        "ultra": (_ultra_prompt, "completion", "label"),
+        "default": (lambda row: _prompt(row, dataset.field_system, dataset.field_prompt), dataset.field_completion,
+                    dataset.field_label),
+    }
+    prompt, completion, label = fields[kind]
+    return lambda row: PreferenceExample(prompt(row), _answer(row.get(completion), completion),
+                                         desirable=_label(row, label))

@@ -1,0 +1,80 @@
+"""Preference tuning end to end on the tiny model: a DPO round 2 continuing an SFT round-1 run dir starts at
+loss ln 2 with the starting adapter as the reference, logs the rewards, resumes exactly, and merges; a fresh
+LoRA (adapter disabled as the reference) and ORPO train from an Axolotl-style config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from axlora.data.demo_rows import write_jsonl
+from axlora.data.preference_demo import alpaca_addition_pairs
+
+from conftest import (
+    assert_close_final_adapters,
+    assert_same_final_adapter,
+    logged,
+    resumed_against_uninterrupted,
+    run_cli,
+    train_ok,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(alpaca_addition_pairs(40, seed=5), path)
+    return path
+
+
+def test_dpo_round_two_from_an_sft_run_dir(make_config, tmp_path, pairs_file):
+    train_ok(make_config("sft.yml", output_dir=str(tmp_path / "sft"), max_steps=3))
+    settings = {"rl": "dpo", "lora_model_dir": str(tmp_path / "sft"), "lora_target_linear": None,
+                "datasets": [{"path": str(pairs_file), "type": "user_defined.default"}], "val_set_size": 8,
+                "eval_on_start": True, "save_steps": 2, "micro_batch_size": 4, "learning_rate": 5e-2}
+    runs = resumed_against_uninterrupted(make_config, tmp_path, settings)
+    full = runs.full
+    rows = [row for row in map(yaml.safe_load, (full / "logs" / "metrics.jsonl").read_text().splitlines())]
+    # the reference is the SFT adapter as the round starts: policy == reference, whatever that adapter is
+    assert rows[0]["step"] == 0 and abs(rows[0]["eval_loss"] - math.log(2)) < 1e-6
+    assert abs(logged(full)[0] - math.log(2)) < 1e-6 and rows[1]["rewards/margins"] == 0
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in rows[1] and f"eval_{key}" in rows[-1]
+    assert logged(full, "logps/chosen")[0] > -60  # the SFT adapter, not the base model: the sums are learnt
+    assert_same_final_adapter(full, runs.resumed)
+    assert logged(runs.resumed) == logged(full)[2:]
+    merged = run_cli("merge-lora", str(tmp_path / "full.yml"))
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert (full / "merged" / "config.json").exists()
+
+
+def test_fresh_dpo_and_orpo_from_axolotl_style_configs(make_config, tmp_path, pairs_file):
+    common = {"datasets": [{"path": str(pairs_file), "type": "user_defined.default"}], "max_steps": 6,
+              "micro_batch_size": 8, "learning_rate": 5e-2}
+    dpo = train_ok(make_config("dpo.yml", rl="dpo", rl_beta=0.5, dpo_beta=None, output_dir=str(tmp_path / "dpo"),
+                               **common))
+    assert "reference: the base model (adapter disabled)" in dpo.stdout
+    assert abs(logged(tmp_path / "dpo")[0] - math.log(2)) < 1e-6
+    margins = logged(tmp_path / "dpo", "rewards/margins")
+    assert margins[-1] > margins[0] and "margin " in dpo.stdout and "acc " in dpo.stdout
+    orpo = train_ok(make_config("orpo.yml", rl="orpo", orpo_alpha=0.2, output_dir=str(tmp_path / "orpo"), **common))
+    assert "no reference model" in orpo.stdout
+    losses = logged(tmp_path / "orpo")
+    assert losses[-1] < losses[0]
+
+
+def test_micro_batches_and_accumulation_optimize_the_same_loss(make_config, tmp_path, pairs_file):
+    """The step's loss is the sum over its pairs / the step's pair count, however they are split into forwards."""
+    common = {"rl": "dpo", "datasets": [{"path": str(pairs_file), "type": "user_defined.default"}], "max_steps": 2,
+              "learning_rate": 5e-2, "optimizer": "sgd"}
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    train_ok(make_config("two.yml", micro_batch_size=2, gradient_accumulation_steps=2,
+                         output_dir=str(tmp_path / "two"), **common))
+    assert logged(tmp_path / "one") == pytest.approx(logged(tmp_path / "two"), abs=1e-6)
+    assert logged(tmp_path / "one", "rewards/margins") == pytest.approx(logged(tmp_path / "two", "rewards/margins"),
+                                                                         abs=1e-6)
+    assert_close_final_adapters(tmp_path / "one", tmp_path / "two", rtol=1e-4, atol=1e-6)
