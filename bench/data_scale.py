@@ -26,12 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-WORDS = (
-    "the of and to in is that for it as was with be by on not he this are or his from at which but have an they "
-    "you were her she there been one all we their has would when what more if no out so said can who will up "
-    "about them some could him into its then two time my only other new these any may very like our over such "
-    "add number sum total result answer question explain write list describe compare reason first second step"
-).split()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preprocess import WORDS  # noqa: E402  (the same vocabulary as the preprocess benchmark)
 
 MEASURE = """
 import resource, subprocess, sys, time

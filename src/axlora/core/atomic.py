@@ -140,9 +140,10 @@ def _pid_of(hidden: Path, target: Path, tag: str) -> int | None:
     return int(number) if number.isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` may still be using its hidden copies (ours, or a live process on this machine)."""
-    if pid == os.getpid():
+def other_process_alive(pid: object) -> bool:
+    """Whether ``pid`` names another live process on this machine (this process, or no pid at all, is not one:
+    what it left behind was left by an earlier life of it, e.g. in a restarted container)."""
+    if not isinstance(pid, int) or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -162,7 +163,7 @@ def _hidden(target: Path, tag: str) -> list[Path]:
     found = []
     for sibling in siblings:
         pid = _pid_of(sibling, target, tag)
-        if pid is not None and sibling.is_dir() and not _alive(pid):
+        if pid is not None and sibling.is_dir() and not other_process_alive(pid):
             found.append(sibling)
     return sorted(found, key=lambda p: p.lstat().st_ctime_ns, reverse=True)
 

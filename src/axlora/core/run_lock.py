@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from axlora.core.atomic import filesystem_error, make_directory
+from axlora.core.atomic import filesystem_error, make_directory, other_process_alive
 from axlora.core.errors import UserError
 
 Log = Callable[[str], None]
@@ -33,18 +33,6 @@ def _me() -> dict:
 
 def describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False  # a lock naming this very process was left by an earlier life of it (a restarted container)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _read(fd: int) -> dict:
@@ -117,7 +105,7 @@ class RunLock:
         note = None
         if previous.get("pid") is not None:
             same_host = previous.get("host") == socket.gethostname()
-            if not locked and (not same_host or _pid_alive(previous.get("pid"))):
+            if not locked and (not same_host or other_process_alive(previous.get("pid"))):
                 raise self._held(previous)
             note = (f"lock: took over {self.path} from a run that is gone ({describe(previous)}; it ended "
                     "without releasing it)")
