@@ -1,18 +1,17 @@
 """Benchmark: wall time and peak RSS of ``axlora preprocess`` and a 2-step ``axlora train`` as the data grows.
 
-For each ``--rows`` size, generates a ``completion`` JSONL (documents of 20-200 words), then runs, each in
-its own fresh process:
+For each ``--rows`` size, generates a ``completion`` JSONL (documents of 20-200 words; every size starts with
+the rows of the smaller ones), then runs, each in its own fresh process:
 
   preprocess   ``axlora preprocess`` from an empty cache (read, tokenize, length rule, report, write);
   train        ``axlora train`` with ``max_steps: 2`` and ``sample_packing`` on the cache just written
-               (a cache hit): what every training process holds to train on this data. Its time is mostly
-               the final evaluation of the validation split (1% of the rows), so it grows with the data.
+               (a cache hit), without evaluation: what every training process holds to train on this data.
 
 Peak RSS is the high-water mark of the largest process of the command (``ru_maxrss`` of the waited-for
 children, read in a small wrapper process so that the benchmark's own size never counts). The model is a
 tiny Llama with the demo tokenizer, so the figures are those of the data path alone.
 
-    python bench/data_scale.py --workdir /tmp/axlora-scale --rows 50000 200000 [--json figures.json]
+    python bench/data_scale.py --workdir /tmp/axlora-scale [--rows 150000 600000 2400000] [--json figures.json]
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     with open(path, "w", encoding="utf-8") as handle:
         for _ in range(rows):
-            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 200)))
+            text = " ".join(rng.choices(WORDS, k=rng.randint(20, 200)))
             handle.write(json.dumps({"text": text}) + "\n")
 
 
@@ -63,6 +62,7 @@ def write_config(workdir: Path, data: Path, model: str) -> Path:
         "base_model": model, "datasets": [{"path": str(data), "type": "completion"}], "sequence_len": 512,
         "sample_packing": True, "micro_batch_size": 2, "max_steps": 2, "lora_r": 4, "lora_alpha": 8,
         "lora_target_linear": True, "val_set_size": 0.01, "learning_rate": 1e-3, "save_steps": 1000,
+        "eval_strategy": "no",
         "output_dir": str(workdir / "out"), "dataset_prepared_path": str(workdir / "prepared"),
     }
     path = workdir / "config.yml"
@@ -94,7 +94,7 @@ def run_size(workdir: Path, rows: int, model: str, train: bool = True) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--rows", type=int, nargs="+", default=[150_000, 600_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[150_000, 600_000, 2_400_000])
     parser.add_argument("--model", default="axlora:tiny-llama")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-train", action="store_true", help="measure preprocess only")

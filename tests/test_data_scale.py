@@ -117,3 +117,56 @@ def test_packing_over_indices_gives_the_packed_rows(tmp_path):
     packed = PackedRows(MappedRows(tmp_path / "rows.arrow"), 64)
     assert len(packed) == len(expected) and packed[-1] == expected[-1] and list(packed) == expected
     assert packed.tokens == sum(len(r["input_ids"]) for r in rows)
+
+
+@pytest.mark.parametrize("capacity", [8, 64, 512])
+def test_the_packing_estimate_counts_the_rows_best_fit_makes_from_lengths_alone(capacity):
+    from axlora.data.pack import PackingStats, pack_sequences
+    from axlora.data.report import packed_row_count, packing_summary
+
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        spread = [capacity, max(1, capacity // 3), max(1, capacity // 10)][seed % 3]
+        lengths = rng.integers(1, spread + 1, size=int(rng.integers(1, 400)))
+        bins = pack_sequences(lengths.tolist(), capacity)
+        assert packed_row_count(lengths, capacity) == len(bins), (seed, capacity)
+    stats = PackingStats.from_bins(bins, lengths.tolist(), capacity)
+    assert packing_summary(lengths, capacity) == {"rows": stats.rows, "samples": stats.samples, "tokens": stats.tokens,
+                                                   "capacity": capacity, "fill": round(stats.fill, 4)}
+    with pytest.raises(ValueError, match="more than the packing capacity"):
+        packed_row_count(np.array([capacity + 1]), capacity)
+
+
+class LengthsOnly:
+    """Prepared rows that know their lengths; reading a row is a failure (grouping must not materialize rows)."""
+
+    def __init__(self, lengths):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        raise AssertionError("a row was read")
+
+    def __iter__(self):
+        raise AssertionError("the rows were read")
+
+
+def test_group_by_length_orders_from_the_length_array_as_it_did_from_the_rows():
+    from axlora.train.data_order import DataOrder
+    from axlora.train.length_groups import MEGA_BATCH_STEPS, LengthGroupedOrder, build_data_order
+
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    config = Config.model_validate({"base_model": "/models/x", "lora_target_linear": True, "max_steps": 1,
+                                    "datasets": [{"path": "d.jsonl", "type": "alpaca"}], "group_by_length": True,
+                                    "micro_batch_size": 2, "gradient_accumulation_steps": 3, "seed": 5})
+    schedule = build_data_order(config, LengthsOnly(lengths), world_size=2)
+    assert isinstance(schedule, LengthGroupedOrder)
+    assert schedule == build_data_order(config, [{"input_ids": [0] * n} for n in lengths], world_size=2)
+    for epoch in range(2):  # the rows' order before: each mega-batch of the shuffle sorted longest first, stably
+        shuffled = DataOrder(1000, 2, 3, 2, 5)._order(epoch)
+        size = 12 * MEGA_BATCH_STEPS
+        before = [row for start in range(0, 1000, size)
+                  for row in sorted(shuffled[start:start + size], key=lambda row: -lengths[row])]
+        assert list(schedule._order(epoch)) == before

@@ -63,8 +63,17 @@ def test_supervised_dataset_under_rl_names_what_is_missing(tmp_path):
 
 def test_preference_dataset_without_rl_and_wrong_kind_are_refused(tmp_path):
     assert "holds preference rows; set rl" in problems(write(tmp_path))
-    text = problems(write(tmp_path, rl="kto", datasets=[{"path": "p.jsonl", "type": "chatml.intel"}]))
-    assert "type chatml.intel is not a kto format" in text
+    text = problems(write(tmp_path, rl="kto", datasets=[{"path": "p.jsonl", "type": "chat_template.default"}]))
+    assert "type chat_template.default is not a kto format" in text
+    text = problems(write(tmp_path, rl="dpo", datasets=[{"path": "p.jsonl", "type": "chatml.argilla_chat"}]))
+    assert "type chatml.argilla_chat is not a dpo format" in text
+
+
+def test_axolotl_kto_keys_load(tmp_path):
+    config = load_config(write(tmp_path, rl="kto", rl_beta=0.2, kto_desirable_weight=1.0, kto_undesirable_weight=1.33,
+                               datasets=[{"path": "k.jsonl", "type": "llama3.argilla_chat"}]))
+    assert config.rl == "kto" and config.beta() == 0.2 and config.uses_reference()
+    assert config.kto_undesirable_weight == 1.33 and config.datasets[0].template_setting() == "llama3"
 
 
 def test_preference_entry_errors_name_the_key_and_line(tmp_path):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
-from axlora.data.preference_demo import addition_judgements, addition_pairs
+from axlora.data.preference_demo import addition_judgements, addition_pairs, alpaca_addition_pairs
 from axlora.data.preference_prepare import prepare_preferences
 
 
@@ -63,11 +63,41 @@ def test_axolotl_pair_types(tmp_path, tokenizer, kind, row):
         assert decoded(tokenizer, out, "chosen_ids") == "yes</s>"
 
 
-def test_kto_rows_keep_their_label(tmp_path, tokenizer):
-    data = prepare_preferences(config_for(tmp_path, addition_judgements(4), "chatml.ultra", rl="kto"), tokenizer,
-                               log=lambda line: None)
-    assert sorted(row["label"] for row in data.train) == [False, False, True, True]
+def test_kto_rows_keep_their_label_and_a_mismatched_completion(tmp_path, tokenizer):
+    logged = []
+    data = prepare_preferences(config_for(tmp_path, addition_judgements(6), "chatml.ultra", rl="kto", val_set_size=2),
+                               tokenizer, log=logged.append)
+    assert sorted(row["label"] for row in data.train + data.val) == [False, False, False, True, True, True]
     assert all("rejected_ids" not in row for row in data.train)
+    assert "3 desirable / 3 undesirable completions" in logged[-1]
+    for rows in (data.train, data.val):  # the KL estimate: each prompt with the next row's completion
+        for index, row in enumerate(rows):
+            assert row["kl_ids"] == rows[(index + 1) % len(rows)]["chosen_ids"]
+            assert row["kl_ids"] != row["chosen_ids"] or len(rows) == 1
+
+
+@pytest.mark.parametrize("kind, row, dataset", [
+    ("chatml.argilla", {"system": "Be brief.", "instruction": "Q?", "completion": "yes", "label": True}, {}),
+    ("llama3.argilla_chat", {"completion": [{"role": "user", "content": "Q?"},
+                                            {"role": "assistant", "content": "yes"}], "label": True}, {}),
+    ("chatml.intel", {"question": "Q?", "completion": "yes", "label": True}, {}),
+    ("llama3.prompt_pairs", {"prompt": "Q?", "completion": "yes", "label": True}, {}),
+    ("chatml.ultra", {"system": "Be brief.", "prompt": "Q?", "completion": "yes", "label": True}, {}),
+    ("user_defined.default", {"q": "Q?", "a": "yes", "good": True},
+     {"field_prompt": "q", "field_completion": "a", "field_label": "good"}),
+])
+def test_axolotl_kto_types(tmp_path, tokenizer, kind, row, dataset):
+    bad = {key: value for key, value in row.items() if key not in {"label", "good"}}
+    [out] = prepare_preferences(config_for(tmp_path, [row], kind, rl="kto", dataset=dataset), tokenizer,
+                                log=lambda line: None).train
+    prompt = decoded(tokenizer, out, "prompt_ids")
+    assert "Q?" in prompt and decoded(tokenizer, out, "chosen_ids").startswith("yes") and out["label"] is True
+    assert ("system\nBe brief." in prompt) == ("system" in row)
+    if kind.startswith("llama3"):
+        assert "<|start_header_id|>assistant<|end_header_id|>" in prompt
+    with pytest.raises(UserError, match="must be true \\(desirable\\) or false"):
+        prepare_preferences(config_for(tmp_path, [bad], kind, rl="kto", dataset=dataset), tokenizer,
+                            log=lambda line: None)
 
 
 def test_bad_rows_are_named_in_file_order(tmp_path, tokenizer):
@@ -105,3 +135,12 @@ def test_preprocess_reads_and_reports_preference_rows(capsys, tmp_path, tiny_mod
     rows.write_text("".join(json.dumps(row) + "\n" for row in addition_pairs(6)))
     ok = main_in_process(capsys, "preprocess", str(path))
     assert ok.returncode == 0 and "prepared 6 train / 0 val preference rows (dpo)" in ok.stdout
+
+
+def test_the_demo_pairs_are_the_generated_ones():
+    """examples/data/addition-pairs.jsonl is what its config says generated it (numbers 25 to 59)."""
+    from conftest import REPO
+
+    rows = [json.loads(line) for line in (REPO / "examples" / "data" / "addition-pairs.jsonl").read_text().splitlines()]
+    assert rows == alpaca_addition_pairs(512, numbers=(25, 59))
+    assert min(int(n) for row in rows for n in row["prompt"].split("### Input:\n")[1].split("\n")[0].split("+")) == 25

@@ -1,16 +1,21 @@
 """The preference objectives against their formulas written out from the papers / TRL's docs on the same
-log-probs, and the per-answer log-probs of a batched forward against one sequence at a time."""
+log-probs, the per-answer log-probs of a batched forward against one sequence at a time, and KTO's objective
+(its KL estimate included) against the formula on a LoRA's log-probs computed one sequence at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from axlora.config.schema import Config
+from axlora.data.preference_tokens import attach_mismatched_completions
 from axlora.train.preference_batch import PreferenceCollator, answer_logps, split_sides
 from axlora.train.preference_loss import SideLogps, dpo_loss, kto_loss, orpo_loss, simpo_loss, wpo_weights
+from axlora.train.preference_step import PreferenceObjective
 
 # per pair: policy chosen, policy rejected, reference chosen, reference rejected (summed), and token counts
 PAIRS = [(-12.0, -15.0, -13.0, -14.0, 4, 6), (-20.5, -9.25, -19.0, -10.0, 8, 3), (-3.0, -3.0, -3.0, -3.0, 2, 2)]
@@ -99,3 +104,77 @@ def test_batched_answers_match_one_sequence_at_a_time(tiny_model_dir):
                 want = sum(log_probs[len(row["prompt_ids"]) - 1 + k, token].item() for k, token in enumerate(row[side]))
                 assert got.logps[index].item() == pytest.approx(want, abs=1e-4)
                 assert got.tokens[index].item() == len(row[side])
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def kto_rows():
+    rows = [{"prompt_ids": [1, 40, 41], "chosen_ids": [50, 51], "label": True},
+            {"prompt_ids": [1, 42, 43, 44], "chosen_ids": [52], "label": False},
+            {"prompt_ids": [1, 45], "chosen_ids": [53, 54, 55], "label": False},
+            {"prompt_ids": [1, 46, 47], "chosen_ids": [56, 57], "label": True}]
+    attach_mismatched_completions(rows, sequence_len=16)
+    return rows
+
+
+def kto_config(**keys) -> Config:
+    return Config(base_model="axlora:tiny-llama", lora_target_linear=True, max_steps=1, rl="kto",
+                  datasets=[{"path": "k.jsonl", "type": "chatml.ultra"}], **keys)
+
+
+def test_kto_objective_against_its_formula_on_a_lora(tiny_model_dir, accelerator):
+    """TRL's KTO on the same log-probs, written out: z0 is the mean over the whole step (both micro batches here)
+    of policy minus reference on prompts paired with another row's completion, at least 0; the reference is the
+    model with its adapter disabled."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)  # policy != reference
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).eval()
+    rows, collate = kto_rows(), PreferenceCollator(pad_token_id=0)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):  # the adapter learns the mismatched completions, so that z0 > 0 (not clamped)
+        optimizer.zero_grad()
+        (-answer_logps(model, collate(rows).mismatched, "cpu")[0].logps.sum()).backward()
+        optimizer.step()
+    beta, weights = 0.3, {True: 1.2, False: 0.7}
+    objective = PreferenceObjective(kto_config(rl_beta=beta, kto_desirable_weight=1.2, kto_undesirable_weight=0.7),
+                                    disabled_adapter=model.disable_adapter)
+    passes = [(collate(rows[:3]), 1.0), (collate(rows[3:]), 1.0), (collate(rows[:1]), 0.0)]  # a filler pass
+    with torch.no_grad():
+        kl = objective.kl_estimate(model, accelerator, passes)
+        losses = torch.cat([objective.pair_losses(model, batch, "cpu", kl)[0] for batch, _ in passes[:2]])
+
+    def logp(prompt, answer, adapter):
+        with torch.no_grad(), (contextlib.nullcontext() if adapter else model.disable_adapter()):
+            log_probs = model(input_ids=torch.tensor([prompt + answer])).logits[0, :-1].log_softmax(-1)
+        return sum(log_probs[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer))
+
+    z0 = max(0.0, sum(logp(r["prompt_ids"], r["kl_ids"], True) - logp(r["prompt_ids"], r["kl_ids"], False)
+                      for r in rows) / len(rows))
+    assert z0 > 0.1 and kl.item() == pytest.approx(z0, abs=1e-5)
+    for row, got in zip(rows, losses, strict=True):
+        reward = logp(row["prompt_ids"], row["chosen_ids"], True) - logp(row["prompt_ids"], row["chosen_ids"], False)
+        margin = reward - z0 if row["label"] else z0 - reward
+        want = weights[row["label"]] * (1 - 1 / (1 + math.exp(-beta * margin)))
+        assert got.item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("shift, want", [(2.0, 2.0), (-5.0, 0.0)])
+def test_kto_kl_estimate_is_clamped_at_zero(tiny_model_dir, accelerator, shift, want):
+    """With precomputed reference log-probs: z0 = max(0, mean(policy - reference)) on the mismatched pairs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows, collate = kto_rows(), PreferenceCollator(pad_token_id=0)
+    for row in rows:
+        with torch.no_grad():
+            mine = answer_logps(model, collate([row]).mismatched, "cpu")[0].logps.item()
+        row["ref_logps"] = [0.0, mine - shift]
+    kl = PreferenceObjective(kto_config()).kl_estimate(model, accelerator, [(collate(rows), 1.0)])
+    assert kl.item() == pytest.approx(want, abs=1e-4)

@@ -56,6 +56,12 @@ def cmd_preprocess(args: argparse.Namespace, overrides: list[str]) -> int:
     from axlora.config.load import load_config
 
     config = load_config(args.config, overrides)
+    if config.pretraining_dataset:  # streamed while training: nothing is prepared; check that it reads
+        from axlora.data.pretraining_pack import check_corpus
+        from axlora.model.tokenizer import load_tokenizer
+
+        check_corpus(config, load_tokenizer(config))
+        return 0
     from axlora.data.prepare import check_datasets, prepare_data
 
     check_datasets(config)  # a missing or unreadable data file fails before the tokenizer loads

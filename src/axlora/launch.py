@@ -222,7 +222,8 @@ def _output_dir_lock(config: Config, holds: bool, log) -> Iterator[None]:
 
 def _launch_workers(config: Config, layout: ProcessLayout, config_path: Path, overrides: list[str], log) -> int:
     """Prepare the data once, start the workers under accelerate, and report their outcome once."""
-    if layout.machine_rank == 0 and not config.rl:  # preference rows are prepared in memory by each worker
+    # preference rows are prepared in memory by each worker; a pretraining_dataset is streamed by each worker
+    if layout.machine_rank == 0 and not config.rl and not config.pretraining_dataset:
         prepared = prepare_once(config, log)
         check_resume(config, layout, prepared.fingerprint)
     arguments = accelerate_arguments(layout, config_path, overrides)

@@ -45,6 +45,10 @@ def describe_plan(config: Config) -> str:
         lines.append(f"dataset: {dataset.path} ({where}, type {dataset.type or 'pre-tokenized'}, split {dataset.split}"
                      + (f", {rows} rows)" if rows is not None else ")"))
         total_rows = None if rows is None or total_rows is None else total_rows + rows
+    for corpus in config.pretraining_dataset or ():
+        where = "local" if Path(corpus.path).exists() or corpus.data_files else "Hugging Face Hub"
+        lines.append(f"pretraining_dataset: {corpus.path} ({where}, streamed while training, column "
+                     f"{corpus.text_column}" + (f", skipping {corpus.skip} documents)" if corpus.skip else ")"))
     per_step = config.effective_batch_per_process()
     lines.append(f"batch: {config.micro_batch_size} micro x {config.gradient_accumulation_steps} accumulation "
                  f"= {per_step} rows per step per process"

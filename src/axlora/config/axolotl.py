@@ -62,6 +62,7 @@ RENAMED: dict[str, str] = {
     "type_of_model": "model_type",
     "evaluation_strategy": "eval_strategy",
     "dpo_beta": "rl_beta",
+    "noisy_embedding_alpha": "neftune_noise_alpha",
 }
 """Axolotl spellings (aliases and deprecated names) -> the axlora key with the same meaning."""
 
@@ -93,7 +94,7 @@ NO_OP: dict[str, NoOp] = {
         "tuning of Axolotl's packer; axlora packs every sample at once and reports the fill",
         "total_num_tokens", "total_supervised_tokens", "sample_packing_eff_est", "sample_packing_group_size",
         "sample_packing_bin_size", "sample_packing_sequentially", "sample_packing_mp_start_method",
-        "multipack_real_batches", "pretrain_multipack_attn",
+        "multipack_real_batches",
     ),
     **_noop(
         "axlora evaluates unpacked rows, so eval_loss is the same with or without packing; only eval speed differs",
@@ -101,8 +102,8 @@ NO_OP: dict[str, NoOp] = {
     ),
     **_noop("eval loss does not depend on the eval batch; axlora evaluates with micro_batch_size", "eval_batch_size"),
     **_noop(
-        "Axolotl's table of generated predictions; axlora prints sample_prompts completed before and after training",
-        "eval_table_size", "eval_max_new_tokens", "generate_samples", "num_generation_samples",
+        "Axolotl's sample generations; axlora prints sample_prompts completed before and after training",
+        "generate_samples", "num_generation_samples",
         "generation_max_new_tokens", "generation_temperature", "generation_top_p", "generation_top_k",
         "generation_prompt_ratio", "generation_do_sample",
     ),
@@ -143,7 +144,6 @@ NO_OP: dict[str, NoOp] = {
     **_noop("settings of Axolotl's merge command; use `axlora merge-lora`", "merge_lora", "merge_method", "lora_on_cpu"),
     **_noop("settings of Axolotl's Gradio inference UI, not of training", "gradio_title", "gradio_share",
             "gradio_server_name", "gradio_server_port", "gradio_max_new_tokens", "gradio_temperature"),
-    **_noop("used only with loraplus_lr_ratio, which axlora does not support", "loraplus_lr_embedding"),
     **_noop("used only with use_eaft, which axlora does not support", "eaft_alpha", "eaft_k"),
     **_noop("axlora applies sequence_len to the prompt with each answer; the prompt is not cut on its own",
             "max_prompt_len"),
@@ -160,8 +160,10 @@ _MULTIMODAL = "multimodal (image/audio) training is not supported; axlora trains
 _FULL_FT = "axlora trains LoRA adapters, not full or partial fine-tuning of the base weights"
 _PARALLEL = ("axlora shards models with FSDP (fsdp_config) or DeepSpeed ZeRO (deepspeed: zero3) across data-parallel "
              "GPUs; hybrid sharding, tensor and context parallelism are not supported")
-_SCHEDULE = "axlora's learning-rate schedule is lr_scheduler plus warm-up only"
-_EVALS = "axlora reports eval_loss only; run benchmarks (lm-eval) on the merged model"
+_SCHEDULE = ("learning-rate groups by module are not supported; loraplus_lr_ratio and embedding_lr set the rates of "
+             "the LoRA B and embedding weights")
+_EVALS = ("benchmarks are not built in: axlora reports eval_loss and, with do_causal_lm_eval, scores of completed "
+          "validation rows; run benchmarks (lm-eval) on the merged model")
 _TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrated; metrics are also in logs/metrics.jsonl"
 
 REJECTED: dict[str, Rejected] = {
@@ -181,11 +183,6 @@ REJECTED: dict[str, Rejected] = {
         "random_init_weights",
     ),
     **_rejected(
-        "Axolotl's Llama 4 model with per-expert linear layers is not available; target the fused experts of the "
-        "transformers model with lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)",
-        "llama4_linearized_experts",
-    ),
-    **_rejected(
         "ReLoRA restarts are not supported",
         "relora", "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio",
         "relora_prune_method", "relora_cpu_offload", "jagged_restart_steps", "jagged_restart_warmup_steps",
@@ -202,8 +199,14 @@ REJECTED: dict[str, Rejected] = {
         "device_map", "max_memory", "gpu_memory_limit",
     ),
     **_rejected(
-        "streaming pretraining datasets are not supported; use datasets: with a completion-style type",
-        "pretraining_dataset", "streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
+        "streamed supervised datasets are not supported (datasets are prepared once and memory-mapped); a text "
+        "corpus to stream goes under pretraining_dataset, which is read in order (no shuffle buffer) so a resume "
+        "continues at the exact token",
+        "streaming", "streaming_multipack_buffer_size", "pretrain_multipack_buffer_size",
+    ),
+    **_rejected(
+        "pretraining_dataset rows are packed with sample_packing: true (attention kept within each document) or "
+        "hold one document piece each; concatenation with attention across documents is not available",
         "pretraining_sample_concatenation",
     ),
     **_rejected(
@@ -216,33 +219,22 @@ REJECTED: dict[str, Rejected] = {
         "LoftQ initialisation and the torchao QLoRA backend are not supported; QLoRA uses bitsandbytes (load_in_4bit)",
         "peft",
     ),
-    **_rejected("LoRA+ learning rates are not supported", "loraplus_lr_ratio"),
     **_rejected("layer replication changes the architecture; not supported", "peft_layer_replication"),
-    **_rejected(_SCHEDULE, "lr_scheduler_kwargs", "cosine_min_lr_ratio", "cosine_constant_lr_ratio",
-                "lr_div_factor", "lr_groups", "embedding_lr", "embedding_lr_scale"),
+    **_rejected(_SCHEDULE, "lr_groups"),
     **_rejected(
-        "optimizer arguments beyond adam_beta1/adam_beta2/adam_epsilon/weight_decay are not supported",
+        "settings of the GaLore and CAME optimizers, which axlora does not have; other optimizer arguments go in "
         "optim_args", "optim_target_modules", "adam_beta3", "adam_epsilon2",
     ),
     **_rejected("axlora does not search for a batch size; set micro_batch_size", "auto_find_batch_size"),
-    **_rejected(
-        "NEFTune embedding noise is not supported", "neftune_noise_alpha", "noisy_embedding_alpha",
-    ),
     **_rejected("PoSE context extension is not supported", "use_pose", "pose_split_on_token_ids",
                 "pose_max_context_len", "pose_num_chunks"),
     **_rejected(
         "this attention variant is not available; use attn_implementation (sdpa, flash_attention_2, ...)",
         "s2_attention",
     ),
-    **_rejected("changes the model's attention math; not supported", "scaling_softmax", "scaling_softmax_factor",
-                "scaling_softmax_bias"),
     **_rejected("the EAFT loss is not supported; axlora trains with cross-entropy", "use_eaft"),
     **_rejected("layer offloading is not supported; use activation_offloading", "layer_offloading"),
-    **_rejected(
-        "final/ holds the last adapter, or with early_stopping_patience the one with the lowest eval_loss",
-        "load_best_model_at_end", "metric_for_best_model", "greater_is_better",
-    ),
-    **_rejected(_EVALS, "do_causal_lm_eval", "eval_causal_lm_metrics", "do_bench_eval", "bench_dataset", "bench_split"),
+    **_rejected(_EVALS, "do_bench_eval", "bench_dataset", "bench_split"),
     **_rejected(
         "axlora checkpoints always hold the full training state so that a run can resume", "save_only_model",
     ),
@@ -294,6 +286,9 @@ REJECTED: dict[str, Rejected] = {
 }
 
 # A few rejected keys accept more than "off": values that already are what axlora does.
+REJECTED["pretrain_multipack_attn"] = Rejected(
+    "packed documents always attend only to themselves (sample_packing)", accepts=lambda value, data: value is True,
+    accepted="true")
 REJECTED["save_safetensors"] = Rejected(
     "axlora always writes safetensors", accepts=lambda value, data: value is True, accepted="true"
 )
@@ -305,11 +300,6 @@ REJECTED["peft_autocast_adapter_dtype"] = Rejected(
 )
 REJECTED["shuffle_merged_datasets"] = Rejected(
     "axlora always shuffles the mixed rows with seed", accepts=lambda value, data: value is True, accepted="true"
-)
-REJECTED["load_best_model_at_end"] = Rejected(
-    REJECTED["load_best_model_at_end"].reason,
-    accepts=lambda value, data: asks_for_nothing(value) or (value is True and bool(data.get("early_stopping_patience"))),
-    accepted="false, or true together with early_stopping_patience (which keeps the best adapter)",
 )
 REJECTED["base_model_config"] = Rejected(
     "axlora reads the model config from base_model",
@@ -359,7 +349,6 @@ VALUE_HINTS: dict[str, dict[Any, str]] = {
         "best": "with early_stopping_patience, final/ holds the adapter with the lowest eval_loss; "
         "use save_strategy: steps or epoch"
     },
-    "wandb_log_model": {"checkpoint": "uploading every checkpoint is not supported; use wandb_log_model: end"},
     "hub_strategy": {
         value: "axlora pushes the final adapter once, at the end; use hub_strategy: end"
         for value in ("every_save", "checkpoint", "all_checkpoints")
@@ -370,6 +359,13 @@ VALUE_HINTS: dict[str, dict[Any, str]] = {
     },
 }
 """Axolotl values of supported keys that axlora does not take, with what to write instead."""
+
+SWITCHED: dict[str, str] = {key: "do_causal_lm_eval" for key in ("eval_max_new_tokens", "eval_causal_lm_metrics",
+                                                                  "eval_causal_lm_max_rows")}
+SWITCHED["eval_table_max_new_tokens"] = "eval_table_size"
+SWITCH_WORDS: dict[str, str] = {"eval_table_size": "eval_table_size (the rows to complete)"}
+"""How a note names a switch that is not a true/false key."""
+"""Schema keys that act only with another one on: set without it, they get a note (Axolotl ignores them)."""
 
 
 @dataclass
@@ -417,6 +413,8 @@ def translate(data: dict[str, Any], schema_keys: set[str]) -> Translation:
         else:
             out.data[key] = value  # unknown: the loader reports it with a suggestion
     _value_hints(out)
+    out.notes += [(key, f"'{key}' has no effect in axlora without {SWITCH_WORDS.get(switch, switch + ': true')}.")
+                  for key, switch in SWITCHED.items() if not asks_for_nothing(data.get(key)) and not data.get(switch)]
     return out
 
 

@@ -241,8 +241,96 @@ class DatasetConfig(StrictModel):
         return value
 
 
-class DataSettings(StrictModel):
-    datasets: list[DatasetConfig] = Field(min_length=1, description="Training datasets, mixed together.")
+class PretrainingDatasetConfig(StrictModel):
+    """One entry of ``pretraining_dataset:`` (Axolotl's keys): a text corpus streamed while training.
+
+    Documents are read in order, tokenized as they come and packed into ``sequence_len`` rows; nothing of
+    the corpus is prepared to the cache, so it may be larger than the disk.
+    """
+
+    path: str = Field(
+        description="A Hugging Face dataset name (streamed), or local JSONL/JSON/Parquet/CSV/text files: a file, "
+        "a directory or a glob; Axolotl's `path: json` (or parquet, csv, text) with `data_files` also reads local "
+        "files."
+    )
+    name: str | None = Field(default=None, description="Dataset configuration name (Hugging Face datasets).")
+    split: str = Field(default="train", description="Split to stream; slicing is not available on a stream.")
+    text_column: str = Field(default="text", description="The column holding each document's text.")
+    type: Literal["pretrain"] = Field(
+        default="pretrain", description="Axolotl's type of a pretraining entry: pretrain (raw text, every token "
+        "trained)."
+    )
+    data_files: str | list[str] | None = Field(
+        default=None, description="Files to read: inside a local `path` directory, of a Hub dataset, or with "
+        "`path: json` / parquet / csv / text."
+    )
+    skip: int = Field(default=0, ge=0, description="Documents to skip at the start of this entry.")
+    trust_remote_code: bool = Field(
+        default=False, description="Axolotl key; only false: dataset loading scripts are not run."
+    )
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _pretrain_only(cls, value):
+        if value in (None, ""):
+            return "pretrain"
+        if value != "pretrain":
+            raise ValueError(f"type '{value}': a pretraining_dataset entry is raw text (type: pretrain); formatted "
+                             "rows (alpaca, chat_template, ...) go under datasets:")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _whole_split(cls, value: str):
+        if "[" in value:
+            raise ValueError(f"split '{value}': a stream cannot be sliced; use skip (documents to leave out) and "
+                             "max_steps (how much to train)")
+        return value
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_scripts(cls, value: bool):
+        if value:
+            raise ValueError(DATASET_REFUSED["trust_remote_code"] + " (Axolotl key); remove it")
+        return value
+
+
+class PretrainingSettings(StrictModel):
+    """``pretraining_dataset``: LoRA continued pretraining on a streamed corpus (instead of ``datasets``)."""
+
+    pretraining_dataset: list[PretrainingDatasetConfig] | None = Field(
+        default=None,
+        description="Continued pretraining on text corpora streamed while training (Axolotl's key): a list of "
+        "entries (or a Hub dataset name), read one after another, tokenized and packed on the fly, never "
+        "prepared to the cache. Needs max_steps; replaces datasets.",
+    )
+
+    @field_validator("pretraining_dataset", mode="before")
+    @classmethod
+    def _entries(cls, value):
+        """Axolotl also takes a bare Hub name or a single mapping."""
+        if isinstance(value, str):
+            return [{"path": value}]
+        return [value] if isinstance(value, dict) else value
+
+
+_NOT_ON_A_STREAM = {
+    "datasets": "the run trains on the streamed corpus; move these rows into a separate run, or remove "
+    "pretraining_dataset",
+    "val_set_size": "a stream has no validation split; set val_set_size: 0",
+    "group_by_length": "sorting by length would read the whole stream first",
+    "dataset_exact_deduplication": "deduplication would hold every document seen",
+    "rl": "preference tuning needs chosen and rejected answers, not raw text",
+    "eval_on_start": "a stream has no validation rows to evaluate",
+    "early_stopping_patience": "a stream has no validation rows to evaluate",
+}
+"""Keys that contradict a streamed corpus, and why (checked on the whole config)."""
+
+
+class DataSettings(PretrainingSettings):
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Training datasets, mixed together (at least one, unless pretraining_dataset)."
+    )
     val_set_size: float = Field(
         default=0.0, ge=0, description="Validation rows held out: a fraction (<1) or a row count (>=1)."
     )
@@ -290,3 +378,29 @@ class DataSettings(StrictModel):
         if self.val_set_size < 1:
             return min(max(1, int(round(self.val_set_size * total))), max(total - 1, 0))
         return min(int(self.val_set_size), max(total - 1, 0))
+
+    @model_validator(mode="after")
+    def _data_to_train_on(self):
+        """Validated as part of ``Config``, which holds the other sections' keys read here by name."""
+        problems = self.pretraining_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def pretraining_problems(self) -> list[str]:
+        """No data at all, or keys a streamed corpus cannot honour (other sections' keys read by name)."""
+        if not self.pretraining_dataset:
+            if not self.datasets:
+                return ["datasets: give at least one dataset (or pretraining_dataset for continued pretraining)."]
+            return []
+        problems = []
+        if "max_steps" in type(self).model_fields and getattr(self, "max_steps", None) is None:
+            problems.append("max_steps: pretraining_dataset streams a corpus of unknown length; set max_steps (how "
+                            "many optimizer steps to train), as Axolotl requires.")
+        for key, why in _NOT_ON_A_STREAM.items():
+            if getattr(self, key, None):
+                problems.append(f"{key}: not with pretraining_dataset: {why}.")
+        if any(not isinstance(prompt, str) for prompt in getattr(self, "sample_prompts", None) or []):
+            problems.append("sample_prompts: with pretraining_dataset a prompt is the start of a text to continue "
+                            "(a string), not the fields of a row format.")
+        return problems

@@ -46,6 +46,9 @@ def fsdp_settings(config: Config) -> FsdpSettings | None:
     if settings.state_dict_type != "FULL_STATE_DICT":
         notes.append(f"fsdp_config.state_dict_type {settings.state_dict_type}: the adapter is never sharded; "
                      "final/ and checkpoints hold it whole")
+    if settings.final_state_dict_type not in (None, "FULL_STATE_DICT"):
+        notes.append(f"fsdp_config.final_state_dict_type {settings.final_state_dict_type}: final/ holds the whole "
+                     "adapter (FULL_STATE_DICT), which is what plain peft loads")
     return FsdpSettings(
         reshard_after_forward=reshard,
         offload_params=settings.offload_params or "offload" in options,

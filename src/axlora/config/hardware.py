@@ -37,6 +37,10 @@ class FsdpConfig(StrictModel):
         default="FULL_STATE_DICT",
         description="Accepted for Axolotl configs: axlora always writes a whole adapter (it is never sharded).",
     )
+    final_state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT"] | None = Field(
+        default=None, description="How Axolotl saves the model at the end: axlora always writes final/ as one whole "
+        "adapter (FULL_STATE_DICT), whatever state_dict_type the checkpoints use.",
+    )
     activation_checkpointing: bool = Field(default=False, description="Same as gradient_checkpointing: true.")
     cpu_ram_efficient_loading: bool = Field(
         default=False, description="Only rank 0 reads the base weights; the other processes build the model empty "

@@ -360,7 +360,19 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
         for dataset in config.datasets
     ]
     updates["datasets"] = datasets
+    if config.pretraining_dataset:
+        updates["pretraining_dataset"] = [_resolve_corpus(entry, config_dir) for entry in config.pretraining_dataset]
     return config.model_copy(update=updates)
+
+
+def _resolve_corpus(entry, config_dir: Path):
+    """A ``pretraining_dataset`` entry with its local path and ``data_files`` made absolute (Hub names kept)."""
+    files = entry.data_files
+    if files is not None:
+        files = ([_resolve_local(name, config_dir, must_be_local=False) for name in files] if isinstance(files, list)
+                 else _resolve_local(files, config_dir, must_be_local=False))
+    return entry.model_copy(update={"path": _resolve_local(entry.path, config_dir, must_be_local=False),
+                                    "data_files": files})
 
 
 def _resolve_local(value: str, config_dir: Path, must_be_local: bool) -> str:

@@ -19,6 +19,13 @@ class ModelSettings(StrictModel):
         default=None, description="Where to load the tokenizer from, when not from base_model."
     )
     trust_remote_code: bool = Field(default=False, description="Allow model code from the model repo to run.")
+    llama4_linearized_experts: bool = Field(
+        default=False,
+        description="Llama 4 MoE: split the fused routed experts into one linear layer per expert and projection "
+        "(feed_forward.experts.gate_projs.N / up_projs.N / down_projs.N), as Axolotl does, so lora_target_modules "
+        "and load_in_4bit/8bit reach them. Loads the standard checkpoint; LoRA on these layers is saved in the "
+        "fused layout (peft target_parameters), so the adapter loads on the standard model.",
+    )
 
 
 class SpecialTokens(StrictModel):
@@ -33,12 +40,18 @@ class SpecialTokens(StrictModel):
     )
 
 
+TEXT_TRAINED_MULTIMODAL = {"Llama4ForConditionalGeneration": ("vision_model", "multi_modal_projector")}
+"""Multimodal classes ``model_type`` may name, as Axolotl's Llama 4 configs do, to train their language model on
+text: the class -> its parts that only images reach (frozen, unused, and never given a LoRA)."""
+
+
 class TokenizerSettings(StrictModel):
     """How the model and tokenizer classes are chosen and which tokens a run adds (Axolotl's model keys)."""
 
     model_type: str | None = Field(
         default=None,
-        description="Model class to load: AutoModelForCausalLM (default) or a transformers ...ForCausalLM class.",
+        description="Model class to load: AutoModelForCausalLM (default), a transformers ...ForCausalLM class, or "
+        "Llama4ForConditionalGeneration (its language model is trained on text; the vision tower stays frozen).",
     )
     tokenizer_type: str | None = Field(
         default=None, description="Tokenizer class to load: AutoTokenizer (default) or a transformers class name."
@@ -88,10 +101,11 @@ class TokenizerSettings(StrictModel):
     @field_validator("model_type")
     @classmethod
     def _causal_lm_only(cls, value: str | None) -> str | None:
-        if value is not None and not value.endswith("ForCausalLM"):
+        if value is not None and not value.endswith("ForCausalLM") and value not in TEXT_TRAINED_MULTIMODAL:
             raise ValueError(
-                f"axlora trains causal language models: use AutoModelForCausalLM or a ...ForCausalLM class, "
-                f"not '{value}' (multimodal and other heads are not supported)"
+                f"axlora trains causal language models: use AutoModelForCausalLM, a ...ForCausalLM class or "
+                f"{', '.join(TEXT_TRAINED_MULTIMODAL)}, not '{value}' (other multimodal classes and heads are not "
+                "supported)"
             )
         return value
 
@@ -160,6 +174,23 @@ class AttentionSettings(StrictModel):
         description="Axolotl's Gemma 4 hybrid (flash attention on sliding-window layers, SDPA on global ones): axlora "
         "runs SDPA on every layer, the same attention, and says so.",
     )
+    scaling_softmax: bool = Field(
+        default=False,
+        description="Scalable-Softmax (SSMax) attention, as in Axolotl: the logits of the query at position p "
+        "(within its sequence) are multiplied by scaling_softmax_factor * log(max(p+1, 2)) + scaling_softmax_bias; "
+        "runs around the chosen attention kernel. Changes the model's attention: use it for the runs it was "
+        "trained with (the adapter alone does not carry it).",
+    )
+    scaling_softmax_factor: float = Field(default=0.43, description="SSMax's s (scaling_softmax).")
+    scaling_softmax_bias: float = Field(default=0.0, description="SSMax's b (scaling_softmax).")
+
+    @model_validator(mode="after")
+    def _ssmax_settings_need_ssmax(self) -> AttentionSettings:
+        stray = sorted({"scaling_softmax_factor", "scaling_softmax_bias"} & self.model_fields_set)
+        if stray and not self.scaling_softmax:
+            raise ValueError(f"{' / '.join(stray)}: set{'s' if len(stray) == 1 else ''} SSMax attention, which is on "
+                             "only with scaling_softmax: true.")
+        return self
 
     @model_validator(mode="after")
     def _one_attention_choice(self) -> AttentionSettings:
@@ -216,8 +247,10 @@ class QuantizationSettings(StrictModel):
 
     quantize_moe_experts: bool = Field(
         default=False,
-        description="With a 4-bit base: also store the fused MoE expert weights in 4-bit NF4 (bitsandbytes leaves "
-        "them in full precision otherwise); they are dequantized when read.",
+        description="With a quantized base: also store the fused MoE expert weights quantized (bitsandbytes leaves "
+        "them in full precision otherwise): 4-bit NF4 with load_in_4bit / qlora, row-wise int8 with load_in_8bit. "
+        "Each expert is dequantized when read, and lora_target_parameters trains a LoRA on them as on "
+        "full-precision experts.",
     )
     model_quantization_config: str | None = Field(
         default=None,

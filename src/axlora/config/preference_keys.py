@@ -35,7 +35,9 @@ PAIR_TYPES: tuple[str, ...] = (
 """Axolotl's preference types for chosen / rejected pairs (DPO, IPO, SimPO, ORPO)."""
 
 KTO_TYPES: tuple[str, ...] = (
-    "chatml.argilla", "chatml.ultra", "llama3.argilla", "llama3.ultra", "user_defined.default",
+    "chatml.argilla", "chatml.argilla_chat", "chatml.intel", "chatml.prompt_pairs", "chatml.ultra",
+    "llama3.argilla", "llama3.argilla_chat", "llama3.intel", "llama3.prompt_pairs", "llama3.ultra",
+    "user_defined.default",
 )
 """Axolotl's KTO types: a prompt, one completion and a desirable / undesirable label."""
 
@@ -119,14 +121,14 @@ class PreferenceSettings(StrictModel):
     """Preference tuning on the LoRA: the objective, its weights, and where the reference log-probs come from."""
 
     datasets: list[DatasetEntry] = Field(  # type: ignore[assignment]
-        min_length=1,
+        default_factory=list,
         description=(DataSettings.model_fields["datasets"].description or "")
         + " Under rl: preference types (" + ", ".join(PREFERENCE_TYPES) + ").",
     )
     rl: RlMethod | None = Field(
         default=None,
-        description="Preference tuning instead of supervised: dpo, ipo, simpo or orpo (Axolotl's names); kto "
-        "datasets are read and checked, KTO training is not available yet; online methods such as grpo are not.",
+        description="Preference tuning instead of supervised: dpo, ipo, simpo or orpo on chosen / rejected pairs, "
+        "kto on completions labelled desirable or not (Axolotl's names); online methods such as grpo are refused.",
     )
     rl_beta: float | None = Field(
         default=None, gt=0, description="TRL's beta: for DPO, IPO and KTO how strongly the policy is held to the "
@@ -150,8 +152,14 @@ class PreferenceSettings(StrictModel):
     orpo_alpha: float = Field(
         default=0.1, gt=0, description="rl: orpo: weight lambda of the odds-ratio term added to the chosen NLL."
     )
-    kto_desirable_weight: float = Field(default=1.0, gt=0, description="rl: kto: weight of desirable examples.")
-    kto_undesirable_weight: float = Field(default=1.0, gt=0, description="rl: kto: weight of undesirable examples.")
+    kto_desirable_weight: float = Field(
+        default=1.0, gt=0, description="rl: kto: weight of the desirable completions' losses (TRL's desirable_weight; "
+        "raise the rarer kind's weight so weight x count is about even).",
+    )
+    kto_undesirable_weight: float = Field(
+        default=1.0, gt=0, description="rl: kto: weight of the undesirable completions' losses (TRL's "
+        "undesirable_weight).",
+    )
     precompute_ref_log_probs: bool = Field(
         default=False, description="Compute the reference log-probs in one pass before training instead of at each "
         "step (always so when continuing an adapter, whose starting weights are the reference).",

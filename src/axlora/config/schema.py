@@ -123,16 +123,15 @@ class Config(
         if self.adapter == "qlora" and self.model_quantization_config:
             raise ValueError("model_quantization_config / adapter: qlora loads a bitsandbytes 4-bit base; use adapter: "
                              "lora with model_quantization_config.")
-        if self.quantize_moe_experts and self.quantization_bits() != 4:
-            raise ValueError("quantize_moe_experts: quantizes the experts like the rest of a 4-bit base; set "
-                             "load_in_4bit: true (or adapter: qlora).")
+        if self.quantize_moe_experts and not self.quantization_bits():
+            raise ValueError("quantize_moe_experts: quantizes the experts like the rest of a quantized base; set "
+                             "load_in_4bit: true (or adapter: qlora) or load_in_8bit: true.")
         if self.quantize_moe_experts and self.uses_fsdp():
             raise ValueError("quantize_moe_experts / fsdp: FSDP does not shard the packed expert weights; train the "
                              "quantized experts on one GPU per process without fsdp.")
-        if self.quantize_moe_experts and self.lora_target_parameters:
-            raise ValueError("quantize_moe_experts / lora_target_parameters: LoRA on the 4-bit experts is not "
-                             "available (peft would add the expert delta to a stale dequantized copy); keep the "
-                             "experts in full precision or adapt the other layers only.")
+        if self.llama4_linearized_experts and self.quantize_moe_experts:
+            raise ValueError("llama4_linearized_experts / quantize_moe_experts: linearized experts are linear layers, "
+                             "which load_in_4bit quantizes with the others; remove quantize_moe_experts.")
         if self.adapter == "qlora" and self.load_in_8bit:
             raise ValueError("load_in_8bit / adapter: qlora trains on a 4-bit base; use load_in_4bit or adapter: lora.")
         return self
@@ -193,6 +192,7 @@ class Config(
             problems.append("warmup_steps / warmup_ratio: set one of them, not both.")
         if self.val_set_size >= 1 and self.val_set_size != int(self.val_set_size):
             problems.append("val_set_size: a row count must be a whole number (or a fraction below 1).")
+        problems += self._linearized_expert_problems()
         problems += self._fsdp_problems()
         problems += self.preference_problems()
         if self.rl and self.sample_packing:
@@ -212,6 +212,22 @@ class Config(
                             "choose one precision.")
         if self.bfloat16 and self.bf16 is False:
             problems.append("bfloat16 / bf16: bfloat16: true loads the weights in bfloat16, bf16: false says not to.")
+        return problems
+
+    def _linearized_expert_problems(self) -> list[str]:
+        """``llama4_linearized_experts`` replaces the fused expert parameters, on whole weights (FSDP shards after)."""
+        if not self.llama4_linearized_experts:
+            return []
+        problems = []
+        fused = [name for name in self.lora_target_parameters or [] if "experts." in name]
+        if fused:
+            problems.append(f"llama4_linearized_experts / lora_target_parameters: {', '.join(fused)} are fused "
+                            "expert parameters, which linearizing replaces; target experts.gate_projs / up_projs / "
+                            "down_projs with lora_target_modules instead.")
+        if self.deepspeed in ("zero3", "zero3_offload"):
+            problems.append("llama4_linearized_experts / deepspeed: ZeRO-3 partitions the weights as the model is "
+                            "built, before the experts are linearized; use fsdp, DDP (num_processes) or deepspeed "
+                            "zero1/zero2.")
         return problems
 
     def _fsdp_problems(self) -> list[str]:

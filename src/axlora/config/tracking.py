@@ -23,8 +23,9 @@ class LoggingSettings(StrictModel):
     wandb_watch: Literal["gradients", "parameters", "all"] | bool | None = Field(
         default=None, description="Log histograms of the trainable weights' gradients (true), parameters or all."
     )
-    wandb_log_model: Literal["end"] | bool | None = Field(
-        default=None, description="end (or true): upload the final adapter to W&B as a model artifact."
+    wandb_log_model: Literal["end", "checkpoint"] | bool | None = Field(
+        default=None, description="end (or true): upload the final adapter to W&B as a model artifact; checkpoint: "
+        "also upload each checkpoint as it is saved (its directory, training state included)."
     )
     use_mlflow: bool | None = Field(
         default=None, description="Log to MLflow (default: when mlflow_tracking_uri or mlflow_experiment_name is set)."

@@ -21,7 +21,12 @@ from axlora.config.preference_keys import PreferenceDatasetConfig
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data.preference_rows import PreferenceExample, kto_reader, pair_reader
-from axlora.data.preference_tokens import LengthRule, PromptRenderer, tokenize_example
+from axlora.data.preference_tokens import (
+    LengthRule,
+    PromptRenderer,
+    attach_mismatched_completions,
+    tokenize_example,
+)
 from axlora.data.report import length_summary
 from axlora.data.row_readers import problem_list
 from axlora.data.segments import RowFormatError
@@ -95,10 +100,13 @@ def prepare_preferences(config: Config, tokenizer, log: Callable[[str], None] = 
     if not train:
         raise UserError(f"datasets: no preference row fits sequence_len {config.sequence_len} ({dropped} dropped); "
                         "raise sequence_len or set excess_length_strategy: truncate.")
+    if config.rl == "kto":
+        for rows in (train, val):
+            attach_mismatched_completions(rows, config.sequence_len)
     report = _report(train, val, dropped)
     log(f"data: prepared {len(train):,} train / {len(val):,} val preference rows ({config.rl}); {dropped} over "
         f"sequence_len {config.sequence_len} dropped; prompt tokens mean {report['prompt_lengths']['mean']}, "
-        f"answer tokens mean {report['answer_lengths']['mean']}")
+        f"answer tokens mean {report['answer_lengths']['mean']}{_label_counts(report)}")
     return PreferenceData(train, val, report)
 
 
@@ -113,10 +121,19 @@ def _length_strategy(config: Config) -> str:
 def _report(train: list[dict[str, Any]], val: list[dict[str, Any]], dropped: int) -> dict[str, Any]:
     rows = train + val
     answers = [len(row[key]) for row in rows for key in ("chosen_ids", "rejected_ids") if key in row]
+    labels = [row["label"] for row in rows if "label" in row]
     return {
+        **({"desirable_rows": sum(labels), "undesirable_rows": len(labels) - sum(labels)} if labels else {}),
         "train_rows": len(train),
         "val_rows": len(val),
         "dropped_over_sequence_len": dropped,
         "prompt_lengths": length_summary(np.asarray([len(row["prompt_ids"]) for row in rows])),
         "answer_lengths": length_summary(np.asarray(answers)),
     }
+
+
+def _label_counts(report: dict[str, Any]) -> str:
+    """KTO: how many completions of each kind (TRL advises weights that even out weight x count)."""
+    if "desirable_rows" not in report:
+        return ""
+    return f"; {report['desirable_rows']:,} desirable / {report['undesirable_rows']:,} undesirable completions"

@@ -5,15 +5,18 @@ completion and whether it is desirable. ``chatml.*`` and ``llama3.*`` differ onl
 render with (``PreferenceDatasetConfig.template_setting``), so both read the same fields:
 
 * ``*.intel``: ``system`` (optional), ``question``, ``chosen``, ``rejected`` (Intel's orca_dpo_pairs);
-* ``*.argilla``: ``instruction``, ``chosen_response``, ``rejected_response``; KTO: ``instruction``,
-  ``completion``, ``label``;
-* ``*.ultra``: ``prompt``, ``chosen`` and ``rejected`` as message lists (UltraFeedback); KTO: ``prompt``,
-  ``completion``, ``label``;
+* ``*.argilla``: ``instruction``, ``chosen_response``, ``rejected_response``;
+* ``*.ultra``: ``prompt``, ``chosen`` and ``rejected`` as message lists (UltraFeedback);
 * ``*.prompt_pairs``: ``system`` (optional), ``prompt``, ``chosen``, ``rejected``;
 * ``chat_template.default``: the prompt's messages in ``field_messages``, each answer in ``field_chosen`` /
   ``field_rejected`` as text, a message or a message list (its last message is the answer);
-* ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``; KTO:
-  ``field_completion``, ``field_label``.
+* ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``.
+
+KTO rows (Axolotl's ``kto`` strategies) hold ``completion`` and ``label`` (true: desirable) after a prompt read
+as above: ``*.argilla`` (``system``, ``instruction``), ``*.intel`` (``system``, ``question``), ``*.prompt_pairs``
+and ``*.ultra`` (``system``, ``prompt``), ``*.argilla_chat`` (``completion`` is the conversation: the user's
+message, then the assistant's answer), ``user_defined.default`` (``field_prompt``, ``field_system``,
+``field_completion``, ``field_label``).
 """
 
 from __future__ import annotations
@@ -124,12 +127,23 @@ def pair_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]
                                          _answer(row.get(rejected), rejected))
 
 
+def _chat_completion(row: Mapping[str, Any], field: str) -> list[Message]:
+    """argilla_chat: ``completion`` holds the conversation, the user's message then the assistant's."""
+    value = row.get(field)
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(m, Mapping) for m in value[:2]):
+        raise RowFormatError(field, f"field '{field}' must be a list of two messages (user, then assistant)")
+    return [{"role": "user", "content": content_text(value[0].get("content"), f"{field}[0].content")}]
+
+
 def kto_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], PreferenceExample]:
     """The reader of a KTO row (prompt, completion, label) for the dataset's type."""
     kind = dataset.type.split(".", 1)[1]
     fields = {
         "argilla": (lambda row: _prompt(row, "system", "instruction"), "completion", "label"),
-        "ultra": (_ultra_prompt, "completion", "label"),
+        "argilla_chat": (lambda row: _chat_completion(row, "completion"), "completion", "label"),
+        "intel": (lambda row: _prompt(row, "system", "question"), "completion", "label"),
+        "prompt_pairs": (lambda row: _prompt(row, "system", "prompt"), "completion", "label"),
+        "ultra": (lambda row: _prompt(row, "system", "prompt"), "completion", "label"),
         "default": (lambda row: _prompt(row, dataset.field_system, dataset.field_prompt), dataset.field_completion,
                     dataset.field_label),
     }

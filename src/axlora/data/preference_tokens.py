@@ -4,7 +4,8 @@ The prompt is rendered with the chat template and its generation prompt (``<|im_
 answer is what the template writes after that prefix when the answer is added as the assistant's turn, so
 its end-of-turn marker is part of what is trained. Chosen and rejected share the prompt's tokens exactly:
 the loss compares the two answers, never two tokenizations of the prompt. ``user_defined.default`` has no
-template: the prompt is its text and each answer ends with the EOS token.
+template: the prompt is its text and each answer ends with the EOS token. KTO rows hold one completion and
+its label, and a mismatched completion for the KL estimate (``attach_mismatched_completions``).
 """
 
 from __future__ import annotations
@@ -82,3 +83,13 @@ def tokenize_example(example: PreferenceExample, renderer: PromptRenderer, rule:
     else:
         row["rejected_ids"] = answers[1]
     return row
+
+
+def attach_mismatched_completions(rows: list[dict[str, Any]], sequence_len: int) -> None:
+    """KTO's KL estimate z0 compares policy and reference on completions that do not answer their prompt (as
+    TRL pairs a batch's prompts with its shifted completions): each row's prompt gets the next row's completion
+    (the last row the first's), cut to fit ``sequence_len``, as ``kl_ids``. Fixed here, before training, so the
+    reference's log-probs of these sequences can be computed once and a resumed run sees the same pairs."""
+    for index, row in enumerate(rows):
+        other = rows[(index + 1) % len(rows)]["chosen_ids"]
+        row["kl_ids"] = other[: sequence_len - len(row["prompt_ids"])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
+from axlora.core.progress import RateProgress
 from axlora.data import cache
 from axlora.data.entries import ShuffledEntries
 from axlora.data.length_rule import COUNTS, refused_error, untrained_datasets
@@ -68,10 +70,11 @@ def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Cal
     fingerprint = cache.data_fingerprint(config, tokenizer_fingerprint, formats, files)
     cache_dir = cache.cache_root(config) / fingerprint
     hit = cache.is_complete(cache_dir)
+    passes: list[str] = []  # how reading and tokenizing went, logged after the status line
     if not hit:
         started = time.perf_counter()
         with cache.new_entry(cache_dir) as tmp:
-            report, lengths = build_prepared(config, tokenizer, formats, fingerprint, tmp)
+            report, lengths = build_prepared(config, tokenizer, formats, fingerprint, tmp, log=passes.append)
             report["seconds"] = round(time.perf_counter() - started, 3)
             cache.finish_entry(tmp, report, lambda path: _plot(lengths, config.sequence_len, path))
     train, val, report = cache.read_entry(cache_dir)
@@ -80,6 +83,8 @@ def prepare_data(config: Config, tokenizer, tokenizer_fingerprint: str, log: Cal
         log(f"data: cache hit {cache_dir} ({len(train):,} train / {len(val):,} val rows)")
     else:
         log(f"data: prepared {len(train):,} train / {len(val):,} val rows in {report['seconds']:.1f} s -> {cache_dir}")
+    for line in passes:
+        log(f"data: {line}")
     for line in format_summary(prepared.report, config.sample_packing):
         log(f"data: {line}")
     return prepared
@@ -92,12 +97,13 @@ def _plot(lengths: np.ndarray, sequence_len: int, path: Path) -> None:
 
 
 def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fingerprint: str,
-                   out_dir: Path) -> tuple[dict[str, Any], np.ndarray]:
+                   out_dir: Path, log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Read, take, shuffle, split, then tokenize each part into ``out_dir/{val,train}.arrow`` chunk by chunk.
 
-    Returns the report and every sample's length as tokenized (for the histogram).
+    A progress line shows each long pass on a terminal; ``log`` hears one summary line per pass. Returns the
+    report and every sample's length as tokenized (for the histogram).
     """
-    sources = [load_source(dataset, config.seed) for dataset in config.datasets]
+    sources = _read_sources(config, log)
     entries = ShuffledEntries.shuffled(sources, config.seed)
     if config.dataset_exact_deduplication:
         entries = _unique_entries(entries, config)
@@ -105,7 +111,10 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
     parts = {"val": entries.part(0, val_count), "train": entries.part(val_count, len(entries))}
     if not len(parts["train"]):
         raise UserError(f"datasets: no training rows (read {len(entries)}, val_set_size takes {val_count}).")
-    tallies = _write_parts(config, tokenizer, formats, sources, parts, out_dir)
+    with RateProgress("tokenized", total=len(entries)) as tokenizing:  # cleared before an error is printed
+        tallies = _write_parts(config, tokenizer, formats, sources, parts, out_dir, tokenizing)
+    if log:
+        log(tokenizing.finish())
     for name, tally in tallies.items():
         if tally.refused is not None:
             raise refused_error(config, sources, parts[name][tally.refused], tally.refused_length)
@@ -117,6 +126,26 @@ def build_prepared(config: Config, tokenizer, formats: Sequence[RowFormat], fing
     report = _report(config, formats, sources, tallies, totals)
     report["fingerprint"] = fingerprint
     return report, np.concatenate([tallies["train"].tokenized_lengths, tallies["val"].tokenized_lengths])
+
+
+def _read_sources(config: Config, log: Callable[[str], None] | None) -> list[Source]:
+    """Every dataset read (split slicing and ``sample`` applied), with the progress of the reading pass: rows found
+    and an ETA from the bytes read of all the local files."""
+    size = sum(path.stat().st_size for files in check_datasets(config) for path in files)
+    sources = []
+    with RateProgress("read", size=size or None) as reading:
+        for dataset in config.datasets:
+            rows_before, bytes_before = reading.done, reading.position
+            progress = partial(_continued, reading, rows_before, bytes_before)
+            sources.append(load_source(dataset, config.seed, progress=progress))
+            reading.update(rows_before + sources[-1].rows_read)
+    if log:
+        log(reading.finish())
+    return sources
+
+
+def _continued(progress: RateProgress, rows_before: int, bytes_before: int, rows: int, position: int) -> None:
+    progress.update(rows_before + rows, bytes_before + position)
 
 
 def _unique_entries(entries: ShuffledEntries, config: Config) -> ShuffledEntries:
@@ -139,7 +168,7 @@ def _unique_entries(entries: ShuffledEntries, config: Config) -> ShuffledEntries
 
 
 def _write_parts(config: Config, tokenizer, formats: Sequence[RowFormat], sources: Sequence[Source],
-                 parts: dict[str, ShuffledEntries], out_dir: Path) -> dict[str, PartTally]:
+                 parts: dict[str, ShuffledEntries], out_dir: Path, progress: RateProgress) -> dict[str, PartTally]:
     """Tokenize and write each part; a bad row stops it, naming every bad row of the datasets in file order."""
     from axlora.data.tokenize import char_limit
 
@@ -149,7 +178,7 @@ def _write_parts(config: Config, tokenizer, formats: Sequence[RowFormat], source
     for name, part in parts.items():
         try:
             with RowsWriter(out_dir / f"{name}.arrow") as writer:
-                tallies[name] = write_part(config, tokenizer, formats, part, writer, limits)
+                tallies[name] = write_part(config, tokenizer, formats, part, writer, limits, progress.advance)
         except RowError as exc:
             raise bad_rows_error(config, sources, formats, tokenizer, exc) from None
     return tallies
@@ -195,8 +224,8 @@ def bad_rows_error(
 
     Rows are tokenized shuffled, so the first failure is random; this pass reads them in order instead.
     """
+    from axlora.data.row_readers import problem_list
     from axlora.data.segments import RowFormatError
-    from axlora.data.sources import problem_list
     from axlora.data.tokenize import pretokenized
 
     problems = []

@@ -8,12 +8,13 @@ report does not change when only ``sample_packing`` does.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from axlora.data.pack import PackingStats, pack_sequences
+from axlora.data.pack import pack_sequences
 from axlora.data.rows import TokenizedRows
 
 PERCENTILES = (50, 90, 95, 99)
@@ -36,10 +37,43 @@ def packing_summary(lengths: np.ndarray, capacity: int) -> dict[str, Any]:
     """How ``sample_packing`` would pack these samples into rows of ``capacity`` tokens."""
     if len(lengths) == 0:
         return {"rows": 0, "samples": 0, "tokens": 0, "capacity": capacity, "fill": 0.0}
-    bins = pack_sequences(lengths.tolist(), capacity)
-    stats = PackingStats.from_bins(bins, lengths.tolist(), capacity)
-    return {"rows": stats.rows, "samples": stats.samples, "tokens": stats.tokens, "capacity": capacity,
-            "fill": round(stats.fill, 4)}
+    rows, tokens = packed_row_count(lengths, capacity), int(lengths.sum())
+    return {"rows": rows, "samples": len(lengths), "tokens": tokens, "capacity": capacity,
+            "fill": round(tokens / (rows * capacity), 4)}
+
+
+def packed_row_count(lengths: np.ndarray, capacity: int) -> int:
+    """How many rows ``pack.pack_sequences`` fills with samples of ``lengths``, without building the rows.
+
+    Best-fit decreasing only ever asks how much room the open rows have, so it is replayed on a count of open
+    rows per room value (at most ``capacity`` of them), a run of equal samples at a time where the rows they
+    go to cannot take another: memory stays the same whatever the number of samples.
+    """
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        pack_sequences(lengths.tolist(), capacity)  # raises its error naming the sample
+    sizes, counts = np.unique(lengths, return_counts=True)
+    rooms: list[int] = []  # the distinct rooms of open rows, sorted
+    open_rows: dict[int, int] = {}  # room -> how many open rows have it
+    rows = 0
+    for size, count in zip(sizes[::-1].tolist(), counts[::-1].tolist(), strict=True):
+        while count:
+            k = bisect_left(rooms, size)
+            if k == len(rooms):  # nothing fits: new rows
+                room = capacity
+                taken = count if capacity - size < size else 1
+                rows += taken
+            else:  # the tightest rows that fit
+                room = rooms[k]
+                taken = min(count, open_rows[room]) if room - size < size else 1
+                open_rows[room] -= taken
+                if not open_rows[room]:
+                    del open_rows[room], rooms[k]
+            count -= taken
+            if room - size > 0:
+                if room - size not in open_rows:
+                    insort(rooms, room - size)
+                open_rows[room - size] = open_rows.get(room - size, 0) + taken
+    return rows
 
 
 def split_summary(rows: TokenizedRows) -> dict[str, Any]:

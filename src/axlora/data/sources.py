@@ -1,9 +1,10 @@
 """Where rows come from: local files and directories, or Hugging Face datasets; then ``split`` and ``sample``.
 
 Local files are read here rather than through ``datasets.load_dataset``: a bad row can then be named
-by file and line, nothing is written to the Hugging Face cache, and JSON Lines parse once instead of
-twice. JSON Lines and Arrow files (and Hub datasets, Arrow-backed) are not held in memory: rows are read
-by position when they are tokenized (``row_readers.py``). Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
+by file and line and nothing is written to the Hugging Face cache. No file is held in memory: each is read
+once as a stream to find its rows (JSON Lines and CSV line by line, a JSON array element by element, Parquet
+a batch at a time), and rows are read by position when they are tokenized (``row_readers.py``); Arrow files
+and Hub datasets (Arrow-backed) are memory-mapped. Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
 text, as a format expects), .arrow (Arrow IPC, as ``datasets`` saves), .txt (one ``text`` row per line);
 ``ds_type`` names the format of files whose suffix does not.
 
@@ -15,8 +16,6 @@ run and does not change when other datasets are added.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import re
@@ -29,7 +28,10 @@ import numpy as np
 
 from axlora.config.datasets import DatasetConfig
 from axlora.core.errors import UserError
-from axlora.data.row_readers import ArrowRows, ConcatRows, JsonLinesRows, RowsView, problem_list
+from axlora.data.json_array import JsonArrayRows
+from axlora.data.line_rows import CsvRows, TextLinesRows
+from axlora.data.row_readers import BOM, ArrowRows, ConcatRows, JsonLinesRows, Progress, RowsView
+from axlora.data.row_readers import problem_list as problem_list  # where callers have found it
 
 SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 _SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+%?)?\])?$")
@@ -96,10 +98,11 @@ def local_files(dataset: DatasetConfig) -> list[Path]:
     return files
 
 
-def load_source(dataset: DatasetConfig, seed: int) -> Source:
-    """Read one ``datasets`` entry, apply its ``split`` slice and ``sample``."""
+def load_source(dataset: DatasetConfig, seed: int, progress: Progress = None) -> Source:
+    """Read one ``datasets`` entry, apply its ``split`` slice and ``sample``; ``progress`` hears how far the
+    reading pass over its files is (rows found, bytes read)."""
     files = local_files(dataset)
-    source = _read_local(dataset, files) if files else _read_hub(dataset)
+    source = _read_local(dataset, files, progress) if files else _read_hub(dataset)
     positions = np.arange(source.rows_read, dtype=np.int64)
     if files:
         start, stop = split_range(dataset.split, source.rows_read, where=dataset.path)
@@ -161,49 +164,69 @@ def _file_type(path: Path, dataset: DatasetConfig) -> str:
     return kind
 
 
-def _read_local(dataset: DatasetConfig, files: list[Path]) -> Source:
-    parts: list[Sequence[dict[str, Any]]] = []
-    lines: list[list[int] | JsonLinesRows | None] = []
+def _read_local(dataset: DatasetConfig, files: list[Path], progress: Progress) -> Source:
+    parts, rows_before, bytes_before = [], 0, 0
     for file in files:
         kind = _file_type(file, dataset)
-        file_rows, file_lines = _json_rows(file) if kind == "json" else READERS[kind](file)
+        file_rows = READERS[kind](file, progress=_after(progress, rows_before, bytes_before))
         if not len(file_rows):
             raise UserError(f"{file}: the data file holds no rows.")
         parts.append(file_rows)
-        lines.append(file_lines)
+        rows_before, bytes_before = rows_before + len(file_rows), bytes_before + file.stat().st_size
+        if progress:
+            progress(rows_before, bytes_before)
     rows = ConcatRows(parts)
 
     def locate(position: int) -> str:
         k, local = rows.part_of(int(position))
-        line_numbers = lines[k]
-        if isinstance(line_numbers, JsonLinesRows):
-            return f"{files[k]}:{line_numbers.line_of(local)}: row {local + 1}"
-        if line_numbers is not None:
-            return f"{files[k]}:{line_numbers[local]}: row {local + 1}"
-        return f"{files[k]}: row {local + 1}"
+        line_of = getattr(parts[k], "line_of", None)
+        line = line_of(local) if line_of else None
+        return f"{files[k]}:{line}: row {local + 1}" if line is not None else f"{files[k]}: row {local + 1}"
 
     return Source(rows, np.arange(len(rows)), len(rows), files, locate)
 
 
-def _json_rows(path: Path) -> tuple[Sequence[dict[str, Any]], JsonLinesRows | list[int] | None]:
-    """JSON Lines indexed and read row by row; a JSON array or a single (multi-line) object read whole.
+def _after(progress: Progress, rows: int, position: int) -> Progress:
+    """``progress`` of one file among several: counts continue from the files before it."""
+    return (lambda more_rows, more_bytes: progress(rows + more_rows, position + more_bytes)) if progress else None
+
+
+def _json_rows(path: Path, progress: Progress = None) -> Sequence[dict[str, Any]]:
+    """JSON Lines, a JSON array of objects, or one JSON object (one row); each read as a stream.
 
     A file whose first non-blank line is JSON on its own is JSON Lines (a one-line object is one row either way).
+    A file starting with ``[``, or with ``{`` and an object over several lines, is one JSON document.
     """
-    first = _first_line(path)
-    if first is not None and not first.startswith("[") and _parses(first):
-        rows = JsonLinesRows.index(path)
-        return rows, rows
-    return _read_json(path)
-
-
-def _first_line(path: Path) -> str | None:
     with open(path, "rb") as handle:
-        for line in handle:
-            text = line.decode("utf-8", errors="replace").removeprefix("\ufeff").strip()
-            if text:
-                return text
-    return None
+        first, whole = _first_line_start(handle)
+        if first.startswith("{"):
+            line = first if whole else first + handle.readline().decode("utf-8", errors="replace")
+            document = not _parses(line.strip()) and _more_content(handle)
+        else:
+            document = first.startswith("[")
+    return JsonArrayRows.index(path, progress=progress) if document else JsonLinesRows.index(path, progress)
+
+
+_PEEK_BYTES = 1 << 16
+
+
+def _first_line_start(handle) -> tuple[str, bool]:
+    """The start (at most 64 KiB) of the first line with more than whitespace, and whether that is the whole line."""
+    raw = handle.readline(_PEEK_BYTES).removeprefix(BOM)
+    while raw:
+        text = raw.decode("utf-8", errors="replace")
+        if text.strip():
+            return text.lstrip(), raw.endswith(b"\n")
+        raw = handle.readline(_PEEK_BYTES)
+    return "", True
+
+
+def _more_content(handle) -> bool:
+    """Whether anything but whitespace follows the handle's position."""
+    while raw := handle.readline(_PEEK_BYTES):
+        if raw.decode("utf-8", errors="replace").strip():
+            return True
+    return False
 
 
 def read_text(path: Path) -> str:
@@ -222,51 +245,6 @@ def read_text(path: Path) -> str:
     return text
 
 
-def _read_json(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """JSON Lines (one object per line), a JSON array of objects, or one JSON object; errors name the line."""
-    text = read_text(path)
-    start = text.lstrip()[:1]
-    if start == "[" or (start == "{" and "\n" in text.strip()):
-        whole = _whole_json(path, text, lines_follow=start == "{")
-        if whole is not None:
-            return whole
-    rows, numbers, problems = [], [], []
-    decode = json.JSONDecoder().decode
-    # split on newlines only: JSON strings may hold U+2028, which str.splitlines() would also split on
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = decode(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: not valid JSON: {exc.msg} (column {exc.colno}).")
-            continue
-        if not isinstance(value, dict):
-            problems.append(f"{path}:{number}: expected a JSON object per line, got {type(value).__name__}.")
-            continue
-        rows.append(value)
-        numbers.append(number)
-    if problems:
-        raise UserError(problem_list(problems, "lines"))
-    return rows, numbers
-
-
-def _whole_json(path: Path, text: str, lines_follow: bool) -> tuple[list[dict[str, Any]], list[int] | None] | None:
-    """The file as one JSON document: an array of objects, or one object (one row). None: JSON Lines after all."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if lines_follow and _parses(text.lstrip().split("\n", 1)[0]):  # JSON Lines: read line by line
-            return None
-        raise UserError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno}).") from None
-    if isinstance(data, dict):
-        return [data], [text.count("\n", 0, text.index("{")) + 1]
-    for index, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise UserError(f"{path}: row {index + 1}: expected a JSON object, got {type(item).__name__}.")
-    return data, None
-
-
 def _parses(line: str) -> bool:
     try:
         json.loads(line)
@@ -275,35 +253,37 @@ def _parses(line: str) -> bool:
     return True
 
 
-def _read_csv(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    rows, numbers = [], []
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    start = 2
-    try:
-        for row in reader:
-            rows.append({k: v for k, v in row.items() if k is not None})
-            numbers.append(start)
-            start = reader.line_num + 1
-    except csv.Error as exc:
-        raise UserError(f"{path}:{reader.line_num}: not valid CSV: {exc}.") from None
-    return rows, numbers
+PARQUET_BATCH_ROWS = 8192
 
 
-def _read_text(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
-    lines = read_text(path).splitlines()
-    return [{"text": line} for line in lines], list(range(1, len(lines) + 1))
+def _read_parquet(path: Path, progress: Progress = None) -> ArrowRows:
+    """Parquet decoded a batch at a time into an unnamed temporary Arrow file (in the temporary directory,
+    ``TMPDIR``), which is memory-mapped: rows are then read by position without the table in memory, and
+    nothing is left behind whatever happens to the process."""
+    import mmap
+    import tempfile
 
-
-def _read_parquet(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path).to_pylist(), None
+        parquet = pq.ParquetFile(path)
+        with tempfile.TemporaryFile(prefix="axlora-parquet-") as spool:
+            sink = pa.PythonFile(spool, mode="w")
+            with pa.ipc.new_stream(sink, parquet.schema_arrow) as writer:
+                for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                    writer.write_batch(batch)
+                    if progress:  # bytes: the share of rows read, as Parquet pages are compressed
+                        rows = writer.stats.num_rows
+                        progress(rows, path.stat().st_size * rows // max(parquet.metadata.num_rows, 1))
+            spool.flush()
+            mapped = mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the file handle
+        return ArrowRows(pa.ipc.open_stream(pa.py_buffer(mapped)).read_all())
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{path}: cannot read Parquet: {exc}") from None
 
 
-def _read_arrow(path: Path) -> tuple[Sequence[dict[str, Any]], None]:
+def _read_arrow(path: Path, progress: Progress = None) -> ArrowRows:
     import pyarrow as pa
 
     try:
@@ -315,12 +295,15 @@ def _read_arrow(path: Path) -> tuple[Sequence[dict[str, Any]], None]:
                 table = pa.ipc.open_file(source).read_all()
     except Exception as exc:
         raise UserError(f"{path}: cannot read Arrow: {exc}") from None
-    return ArrowRows(table), None  # memory-mapped: a row is converted when read
+    return ArrowRows(table)  # memory-mapped: a row is converted when read
 
 
-READERS: dict[str, Callable[[Path], tuple[Sequence[dict[str, Any]], list[int] | None]]] = {
-    "json": _read_json, "csv": _read_csv, "text": _read_text, "parquet": _read_parquet, "arrow": _read_arrow,
+READERS: dict[str, Callable[..., Sequence[dict[str, Any]]]] = {
+    "json": _json_rows, "csv": CsvRows.index, "text": TextLinesRows.index, "parquet": _read_parquet,
+    "arrow": _read_arrow,
 }
+"""Each file kind's reader, ``reader(path, progress=None)``: the rows by position, read when used (a reader
+with ``line_of`` names lines)."""
 
 
 def _read_hub(dataset: DatasetConfig) -> Source:

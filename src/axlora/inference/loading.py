@@ -91,8 +91,9 @@ def load_model(config: Config, source: ModelSource, tokenizer, dtype, log: Log):
 
     from axlora.model.load import load_base_model
 
-    # the loader's training-only switches off: checkpointing would also turn off the generation cache
-    settings = {"gradient_checkpointing": False}
+    # the loader's training-only switches off: checkpointing would also turn off the generation cache, and a
+    # run with linearized Llama 4 experts saved its adapter for the standard (fused) model
+    settings = {"gradient_checkpointing": False, "llama4_linearized_experts": False}
     if source.merged:
         settings.update(base_model=str(source.directory), revision_of_model=None)
     model = load_base_model(config.model_copy(update=settings), dtype, tokenizer=tokenizer, log=log)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from axlora.config.datasets import DatasetConfig
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data.formats import build_format, needs_tokenizer
@@ -75,6 +76,7 @@ class PromptFormat:
 
 def prompt_format(config: Config, tokenizer, system: str | None) -> PromptFormat:
     """The prompt format of ``config.datasets[0]``, with ``tokenizer``'s chat template where the run used it."""
+    config = _with_corpus_format(config)
     row_format = build_format(config, 0, tokenizer)
     dataset = config.datasets[0]
     conversation = None
@@ -88,6 +90,16 @@ def prompt_format(config: Config, tokenizer, system: str | None) -> PromptFormat
     elif system:
         raise UserError(f"inference: --system needs a chat run; datasets[0] is type {dataset.type or 'pre-tokenized'}.")
     return PromptFormat(row_format, conversation, system, dataset.type or "pre-tokenized")
+
+
+def _with_corpus_format(config: Config) -> Config:
+    """A continued-pretraining run (``pretraining_dataset``, no ``datasets``) saw raw text: a prompt is the
+    start of a text to continue, rendered as a completion row of the corpus's text column."""
+    if config.datasets or not config.pretraining_dataset:
+        return config
+    corpus = config.pretraining_dataset[0]
+    as_text = DatasetConfig(path=corpus.path, type="completion", field=corpus.text_column)
+    return config.model_copy(update={"datasets": [as_text]})
 
 
 # ---- where prompts come from -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from axlora.core.names import MERGE_MARKER
 from axlora.core.safetensors_header import read_header
 from axlora.merge import ops
 from axlora.merge.base import BaseModel, load_base, resolve_base_dir
+from axlora.merge.expert_merge import ExpertFactors, merge_expert_tensor
 from axlora.merge.lora_weights import Adapter, LoraModule, load_adapter
 from axlora.merge.output import (
     MARKER_FILES_KEY,
@@ -97,6 +98,7 @@ class _Verifier:
 class _Context:
     adapter_reader: TensorReader
     verifier: _Verifier
+    expert_factors: ExpertFactors
     base_reader: TensorReader | None = None
     written: dict[str, str] = field(default_factory=dict)
 
@@ -123,8 +125,8 @@ def merge_lora(
 ) -> MergeReport:
     """Merge a peft LoRA adapter into its base model, one tensor in memory at a time.
 
-    Reads the base's safetensors shards tensor by tensor, adds ``scale * B @ A`` (fp32) to each targeted weight,
-    writes bounded output shards, the index, config, generation config and tokenizer files into a temporary
+    Reads the base's safetensors shards tensor by tensor, adds ``scale * B @ A`` (fp32) to each targeted weight
+    (per expert for LoRA on fused MoE expert parameters, ``expert_merge.py``), writes bounded output shards, the index, config, generation config and tokenizer files into a temporary
     sibling of ``output_dir``, then renames it into place. With ``verify`` each merged weight is checked against
     base + adapter on random probe vectors; any failure raises and leaves no output. ``dtype`` (float32, bfloat16,
     float16) overrides the floating tensors' dtype, which otherwise stays the base's own. ``tolerance`` is the
@@ -229,7 +231,7 @@ def _write_weights(outputs: OutputTensors, adapter: Adapter, tmp: Path, verifier
     total = sum(t.nbytes for g in groups for t in g)
     weight_map: dict[str, str] = {}
     with TensorReader(adapter.weights) as adapter_reader:
-        ctx = _Context(adapter_reader, verifier)
+        ctx = _Context(adapter_reader, verifier, ExpertFactors(adapter_reader))
         try:
             for i, group in enumerate(groups, start=1):
                 filename = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
@@ -261,6 +263,8 @@ def _write_tensor(entry: OutputTensor, writer: ShardWriter, ctx: _Context) -> No
     out_dtype = CODE_TO_TORCH[entry.dtype]
     if entry.lora is not None:
         tensor = _merge_weight(entry, entry.lora, out_dtype, ctx)
+    elif entry.expert is not None:
+        tensor = _merge_expert(entry, out_dtype, ctx)
     elif entry.bias_of is not None:
         tensor = _merge_bias(entry, entry.bias_of, out_dtype, ctx)
     else:
@@ -313,6 +317,15 @@ def _merge_weight(entry: OutputTensor, lora: LoraModule, out_dtype: torch.dtype,
             ops.matmul_fp32(ops.matrix_view(out, entry.transposed), x), reference)
         ctx.verifier.check(entry.name, err_fp32, err_out, out_dtype)
     return out
+
+
+def _merge_expert(entry: OutputTensor, out_dtype: torch.dtype, ctx: _Context) -> torch.Tensor:
+    """A parameter LoRA (MoE experts): each expert matrix in this tensor merged and probe-checked like a weight."""
+    assert entry.expert is not None
+    tensor = _load(entry, ctx)
+    check = ctx.verifier.check if ctx.verifier.enabled else None
+    return merge_expert_tensor(entry.name, tensor, entry.expert, ctx.expert_factors, _work_dtype(tensor), out_dtype,
+                               check)
 
 
 def _merge_bias(entry: OutputTensor, lora: LoraModule, out_dtype: torch.dtype, ctx: _Context) -> torch.Tensor:

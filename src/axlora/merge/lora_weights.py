@@ -9,6 +9,9 @@ peft strips the adapter name when saving, so a LoRA on ``model.layers.0.self_att
 - ``<module>.weight`` / ``<module>.bias`` (no ``lora_``): full tensors of ``modules_to_save`` (or trained biases),
   which replace the base tensor; ``<module>.base_layer.weight``: a targeted embedding saved whole
   (``save_embedding_layers``), replacing the base weight before the LoRA delta is added.
+- ``<module>.lora_A.weight`` / ``lora_B.weight`` where ``<module>`` holds parameters named by ``target_parameters``
+  (fused MoE experts): one LoRA per targeted parameter, the wrappers nested, so every one but the outermost is saved
+  as ``<module>.base_layer[.base_layer...].lora_A.weight``; ``param_lora.py`` works out which parameter each adapts;
 - with ``save_embedding_layers`` (automatic after a vocabulary resize) a ``modules_to_save`` module is also saved
   as ``<module>.modules_to_save.weight`` (a copy of ``<module>.weight``) and ``<module>.original_module.weight``
   (the untrained weight peft keeps to disable the adapter, not part of the trained model: ignored).
@@ -35,8 +38,6 @@ from axlora.merge.safetensors_io import same_bytes
 _UNSUPPORTED_FIELDS = {
     "trainable_token_indices": "trainable token indices",
     "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters such as MoE experts (lora_target_parameters); peft merges them: "
-    "PeftModel.from_pretrained(base, adapter).merge_and_unload()",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA), which cannot be merged by design",
@@ -46,6 +47,7 @@ _UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA",
     "megatron_config": "Megatron-parallel LoRA layers",
 }
+WRAPPER = ".base_layer"  # peft's name for the module a LoRA layer wraps
 # Initialisations that rewrite the base weights, so the adapter only fits that rewritten base.
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "lora_ga", "loftq")
 
@@ -62,6 +64,9 @@ class LoraModule:
     bias: TensorInfo | None = None  # lora_bias=True
     rank: int = 0
     scale: float = 0.0
+    # LoRA on a parameter (peft's target_parameters): rank and scale depend on the expert count, which only the
+    # base knows; ``param_lora.py`` resolves it
+    parameter: bool = False
 
     @property
     def weight_name(self) -> str:
@@ -200,8 +205,32 @@ def _finish_module(adapter: Adapter, lora: LoraModule) -> None:
         raise UserError(f"{where}: lora_A has {rank} rows but lora_B has {lora.b.shape[1]} columns")
     if lora.magnitude is not None and lora.embedding:
         raise UserError(f"{where}: DoRA on embedding layers is not supported yet")
+    if hosts_target_parameter(adapter.config, lora.module):
+        lora.parameter = True
+        return
     lora.rank = rank
-    lora.scale = _scale(adapter, lora.module, rank)
+    lora.scale = lora_scale(adapter, lora.module, rank)
+
+
+def strip_wrappers(module: str) -> str:
+    """The module a (possibly nested) parameter LoRA wraps: peft nests one ``base_layer`` per extra parameter."""
+    while module.endswith(WRAPPER):
+        module = module[: -len(WRAPPER)]
+    return module
+
+
+def target_parameter_names(config: dict[str, Any], host: str) -> list[str]:
+    """The parameters of module ``host`` that ``target_parameters`` names, matched as peft matches them."""
+    names = []
+    for target in config.get("target_parameters") or []:
+        owner, _, param = str(target).rpartition(".")
+        if not owner or host == owner or host.endswith(f".{owner}"):
+            names.append(param)
+    return list(dict.fromkeys(names))
+
+
+def hosts_target_parameter(config: dict[str, Any], module: str) -> bool:
+    return bool(target_parameter_names(config, strip_wrappers(module)))
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -212,7 +241,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _scale(adapter: Adapter, module: str, saved_rank: int) -> float:
+def lora_scale(adapter: Adapter, module: str, saved_rank: int) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA, with r and alpha taken from the patterns when they match."""
     cfg = adapter.config
     rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8)))

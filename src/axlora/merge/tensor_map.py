@@ -19,6 +19,7 @@ from axlora.core.errors import UserError
 from axlora.core.safetensors_header import TensorInfo
 from axlora.merge.base import BaseModel
 from axlora.merge.lora_weights import Adapter, LoraModule
+from axlora.merge.param_lora import ExpertDelta, parameter_deltas
 from axlora.merge.safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor
 
 OUTPUT_DTYPES: dict[str, torch.dtype] = {
@@ -42,6 +43,7 @@ class OutputTensor:
     lora: LoraModule | None = None  # LoRA delta added to this weight
     transposed: bool = False  # stored as (in x out): Conv1D / embedding
     bias_of: LoraModule | None = None  # lora_bias delta added to this bias
+    expert: ExpertDelta | None = None  # a parameter LoRA's (MoE experts') delta, or the part of it stored here
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,7 +57,7 @@ class OutputTensor:
     @property
     def passthrough(self) -> bool:
         """Nothing changes: the bytes can be copied without ever becoming a tensor."""
-        return (self.replacement is None and self.lora is None and self.bias_of is None
+        return (self.replacement is None and self.lora is None and self.bias_of is None and self.expert is None
                 and self.dtype == self.source.dtype)
 
 
@@ -70,7 +72,9 @@ class OutputTensors:
 
     @property
     def merged_modules(self) -> int:
-        return sum(t.lora is not None for t in self.tensors)
+        """LoRA modules merged: each ordinary one, and each parameter LoRA (whatever tensors hold its parameter)."""
+        experts = {t.expert.lora.module for t in self.tensors if t.expert is not None}
+        return sum(t.lora is not None for t in self.tensors) + len(experts)
 
     @property
     def replaced(self) -> int:
@@ -118,8 +122,12 @@ def map_output_tensors(base: BaseModel, adapter: Adapter, dtype: torch.dtype | N
     vocab_size = _resized_vocab(base, adapter, entries, embed, vocab)
     if vocab_size is not None:
         config = _with_vocab_size(config, vocab_size)
+    expert_deltas = parameter_deltas(base, adapter)  # first: it also settles which LoRAs are ordinary ones
     for lora in adapter.modules.values():
-        _attach_lora(entries, base, adapter, lora, vocab)
+        if not lora.parameter:
+            _attach_lora(entries, base, adapter, lora, vocab)
+    for name, delta in expert_deltas.items():
+        _attach_expert_delta(adapter, entries[name], delta)
     for entry in entries.values():
         if entry.dtype not in ITEM_SIZE:
             raise UserError(f"{entry.source.path}: tensor {entry.name!r} has unknown dtype {entry.dtype}")
@@ -262,6 +270,15 @@ def _attach_lora(entries: dict[str, OutputTensor], base: BaseModel, adapter: Ada
             raise UserError(f"{adapter.weights}: {lora.bias.name!r} has shape {list(lora.bias.shape)}, base bias "
                             f"{lora.bias_name!r} has shape {list(bias_entry.shape)}; expected [{out_features}]")
         bias_entry.bias_of = lora
+
+
+def _attach_expert_delta(adapter: Adapter, entry: OutputTensor, delta: ExpertDelta) -> None:
+    if entry.lora is not None:
+        raise UserError(f"{adapter.weights}: LoRAs {entry.lora.module!r} and {delta.lora.module!r} both adapt "
+                        f"{entry.name!r}")
+    if entry.shape != entry.source.shape:
+        raise UserError(f"{adapter.weights}: {entry.name!r} is both resized and adapted by {delta.lora.module!r}")
+    entry.expert = delta
 
 
 def _refuse_lora_on_other_vocab(adapter: Adapter, lora: LoraModule, entry: OutputTensor,

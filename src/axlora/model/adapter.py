@@ -22,6 +22,7 @@ from axlora.model.adapter_fit import (
     short_module_names,
     target_conflicts,
 )
+from axlora.model.multimodal import lora_exclusions
 from axlora.model.unfrozen import unfrozen_modules
 
 
@@ -36,8 +37,15 @@ def fresh_lora_config(config: Config):
         lora_dropout=config.lora_dropout,
         target_modules=_target_modules(config),
         use_rslora=config.peft_use_rslora,
+        **_language_model_only(config),
         **config.peft_kwargs(),
     )
+
+
+def _language_model_only(config: Config) -> dict[str, str]:
+    """A multimodal class trained on text: no LoRA inside its image-only parts."""
+    excluded = lora_exclusions(config.model_type)
+    return {"exclude_modules": excluded} if excluded else {}
 
 
 def _target_modules(config: Config) -> str | list[str]:
@@ -51,6 +59,23 @@ def _target_modules(config: Config) -> str | list[str]:
 
 def attach_adapter(model, config: Config, choice: AdapterChoice, log=print):
     """Wrap ``model`` with the chosen LoRA; a continued adapter is checked against the base, loaded trainable."""
+    if config.llama4_linearized_experts and choice.case == "continue" and choice.adapter_config.get("target_parameters"):
+        raise UserError(f"lora_model_dir / llama4_linearized_experts: the adapter in {choice.adapter_dir} holds LoRA on "
+                        "fused expert parameters (target_parameters), which linearizing replaces; continue it without "
+                        "llama4_linearized_experts, with lora_target_parameters on the fused experts.")
+    peft_model = _attach(model, config, choice, log)
+    if config.quantize_moe_experts:
+        from axlora.model.expert_quant import keep_packed_experts_local
+
+        keep_packed_experts_local(peft_model)
+    if config.llama4_linearized_experts:
+        from axlora.model.llama4_adapter_layout import use_fused_adapter_layout
+
+        use_fused_adapter_layout(peft_model, log)
+    return peft_model
+
+
+def _attach(model, config: Config, choice: AdapterChoice, log):
     from peft import get_peft_model
 
     log(choice.describe())

@@ -129,10 +129,13 @@ def refuse_if_strict(config: Config, conflicts: list[str]) -> None:
 
 def _targets(config: Config) -> str:
     if config.lora_target_linear:
-        return "all linear layers"
-    if isinstance(config.lora_target_modules, str):
-        return config.lora_target_modules
-    return ", ".join(config.lora_target_modules or [])
+        modules = "all linear layers"
+    elif isinstance(config.lora_target_modules, str):
+        modules = config.lora_target_modules
+    else:
+        modules = ", ".join(config.lora_target_modules or [])
+    parameters = ", ".join(config.lora_target_parameters or [])
+    return " and parameters ".join(part for part in (modules, parameters) if part)
 
 
 def adapter_setting_conflicts(config: Config, adapter_config: dict) -> list[str]:

@@ -16,6 +16,7 @@ from axlora.model.machine import (
     require_quantization_support,
     require_sharded_quantization_support,
 )
+from axlora.model.multimodal import train_text_only
 from axlora.model.source import resolve_base_model, transformers_class
 from axlora.model.tokenizer import load_tokenizer
 
@@ -30,16 +31,14 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
     kwargs = model_load_kwargs(config, dtype, source, log)
     model_cls = transformers_class(config.model_type or "AutoModelForCausalLM", "model_type")
     try:
-        model = _empty_model(model_cls, source, kwargs) if empty else model_cls.from_pretrained(source, **kwargs)
+        model = _empty_model(model_cls, source, kwargs) if empty else _from_pretrained(model_cls, source, kwargs, config)
     except OSError as exc:
         raise UserError(f"base_model: cannot load '{config.base_model}': {exc}") from None
     except ImportError as exc:
         raise UserError(f"base_model: loading '{config.base_model}' needs a package that is missing: {exc}") from None
     model = apply_kernels(model, config, log)
-    if config.quantize_moe_experts:
-        from axlora.model.expert_quant import quantize_moe_experts
-
-        quantize_moe_experts(model, log)
+    _reshape_model(model, config, log)
+    train_text_only(model, config.model_type, log)
     if tokenizer is None:
         tokenizer = load_tokenizer(config, log=lambda _message: None)
     # new rows of an empty model get their values from the loading rank: nothing to compute them from here
@@ -54,11 +53,39 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
             use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs=config.checkpointing_kwargs(),
         )
+        if config.quantize_moe_experts:
+            from axlora.model.expert_quant import read_experts_in
+
+            read_experts_in(model, dtype)
     elif config.gradient_checkpointing:
         _enable_checkpointing(model, config.checkpointing_kwargs())
     if config.gradient_checkpointing:
         model.config.use_cache = False
     return model
+
+
+def _from_pretrained(model_cls, source: str, kwargs: dict, config: Config):
+    if not config.llama4_linearized_experts:
+        return model_cls.from_pretrained(source, **kwargs)
+    from axlora.model.llama4_checkpoint import load_llama4
+
+    return load_llama4(model_cls, source, kwargs, config.base_model)
+
+
+def _reshape_model(model, config: Config, log: Callable[[str], None]) -> None:
+    """What the config changes in the loaded model itself: its attention, its expert layers, their storage."""
+    if config.scaling_softmax:
+        from axlora.model.ssmax import use_ssmax
+
+        use_ssmax(model, config, log)
+    if config.llama4_linearized_experts:
+        from axlora.model.llama4_experts import linearize_llama4_experts
+
+        linearize_llama4_experts(model, log)
+    if config.quantize_moe_experts:
+        from axlora.model.expert_quant import quantize_moe_experts
+
+        quantize_moe_experts(model, config.quantization_bits(), log)
 
 
 def _keep_cpu_4bit_layers_differentiable(model) -> None:
@@ -114,17 +141,21 @@ def model_load_kwargs(config: Config, dtype, source: str, log: Callable[[str], N
         require_quantization_support(config, bits)
         require_sharded_quantization_support(config)
         kwargs["quantization_config"] = bitsandbytes_config(config, bits, dtype)
-        kwargs["device_map"] = {"": _quantized_device()}
+        if not _zero3_partitions_weights():  # ZeRO-3 places (and partitions) the weights itself
+            kwargs["device_map"] = {"": _quantized_device()}
         log(f"quantization: base weights in {'4-bit NF4 (double quantization)' if bits == 4 else '8-bit'}, "
             f"compute in {str(dtype).replace('torch.', '')}")
     if config.model_quantization_config:
         kwargs["quantization_config"] = quantization_config_object(config)
         log(f"quantization: {config.model_quantization_config}({config.model_quantization_config_kwargs or {}})")
-    if config.overrides_of_model_config:
+    # router_aux_loss_coef is the model config's weight of its router loss (used where a step asks for it)
+    overrides = {**(config.overrides_of_model_config or {}),
+                 **({"router_aux_loss_coef": config.router_aux_loss_coef} if config.router_aux_loss_coef else {})}
+    if overrides:
         from transformers import AutoConfig
 
         kwargs["config"] = AutoConfig.from_pretrained(
-            source, trust_remote_code=config.trust_remote_code, **config.overrides_of_model_config,
+            source, trust_remote_code=config.trust_remote_code, **overrides,
             **({"revision": config.revision_of_model} if config.revision_of_model else {}),
         )
     return kwargs
@@ -145,6 +176,13 @@ def quantization_config_object(config: Config):
         raise UserError(f"model_quantization_config_kwargs: {name} does not take these arguments: {exc}") from None
 
 
+def _zero3_partitions_weights() -> bool:
+    """Whether this process runs under DeepSpeed ZeRO-3 (set up by the runtime before the model loads)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def _quantized_device() -> int | str:
     """bitsandbytes quantizes while loading, on the device the weights land on: this rank's GPU, else the CPU."""
     import torch
@@ -163,8 +201,9 @@ def bitsandbytes_config(config: Config, bits: int, compute_dtype):
             "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": compute_dtype,
         }
-        if config.uses_fsdp():
-            # FSDP-QLoRA: packed 4-bit weights stored in the compute dtype, so FSDP flattens them with the rest
+        if config.uses_fsdp() or _zero3_partitions_weights():
+            # FSDP- and ZeRO-3-QLoRA: packed 4-bit weights stored in the compute dtype, so they are flattened and
+            # partitioned with the rest
             recipe["bnb_4bit_quant_storage"] = compute_dtype
     else:
         recipe = {"load_in_8bit": True}

@@ -53,7 +53,7 @@ class ResumeKey:
     def for_run(cls, config: Config, data_fingerprint: str, world_size: int, zero_stage: int | None) -> ResumeKey:
         return cls(
             data_fingerprint=data_fingerprint,
-            datasets=[_describe_dataset(d) for d in config.datasets],
+            datasets=[_describe_dataset(d) for d in config.datasets or config.pretraining_dataset or []],
             val_set_size=config.val_set_size,
             train_on_inputs=config.train_on_inputs,
             sequence_len=config.sequence_len,

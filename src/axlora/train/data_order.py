@@ -62,3 +62,16 @@ class DataOrder:
         mine = self.step_rows(step)[rank :: self.world_size]
         size = self.micro_batch_size
         return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+@dataclass(frozen=True)
+class StreamOrder(DataOrder):
+    """``pretraining_dataset``: step ``s`` trains on the stream's rows ``s * rows_per_step`` onwards, in order.
+
+    Nothing is shuffled (the stream is read once, in order), so the order holds no list of rows: ``num_rows``
+    is the rows the planned steps read (``max_steps * rows_per_step``), and one "epoch" is the whole run.
+    """
+
+    def step_rows(self, step: int) -> list[int]:
+        first = step * self.rows_per_step
+        return list(range(first, first + self.rows_per_step))

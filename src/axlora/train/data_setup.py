@@ -11,6 +11,7 @@ from axlora.data.collate import PackedCollator, PaddedCollator
 from axlora.data.pack import PackedRows
 from axlora.data.prepare import PreparedData, prepare_data
 from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from axlora.train.pretraining_rows import StreamedData, StreamedRows, stream_data
 from axlora.train.runtime import Runtime
 
 _NEEDS_VALIDATION = ("eval_on_start", "early_stopping_patience")
@@ -26,9 +27,14 @@ def check_eval_settings(config: Config) -> None:
                         "evaluations without improvement can be counted.")
 
 
-def prepare_rows(config: Config, runtime: Runtime) -> tuple[Any, PreparedData]:
-    """The tokenizer and the tokenized rows; one rank prepares, the others then read its cache."""
+def prepare_rows(config: Config, runtime: Runtime) -> tuple[Any, PreparedData | StreamedData]:
+    """The tokenizer and the tokenized rows; one rank prepares, the others then read its cache.
+
+    A ``pretraining_dataset`` is not prepared: every rank streams it while training.
+    """
     tokenizer = load_tokenizer(config, log=runtime.say)
+    if config.pretraining_dataset:
+        return tokenizer, stream_data(config, tokenizer, runtime.world_size, runtime.say)
     with runtime.accelerator.main_process_first():
         prepared = prepare_data(config, tokenizer, tokenizer_fingerprint(tokenizer), runtime.say)
     for key in _NEEDS_VALIDATION:
@@ -43,20 +49,34 @@ class TrainingData:
     """Rows as the step loop and the evaluation read them, each with the collator that batches them."""
 
     tokenizer: Any
-    prepared: PreparedData
-    train_rows: Any  # packed rows with ``sample_packing``, else the prepared samples
+    prepared: PreparedData | StreamedData
+    train_rows: Any  # packed rows with ``sample_packing``, else the prepared samples; or the stream's rows
     collate: PaddedCollator | PackedCollator
     val_rows: Any
     val_collate: PaddedCollator
 
+    def stream_state(self, next_row: int) -> dict[str, Any]:
+        """What a checkpoint must add to resume the data: the stream position (prepared data needs only the step)."""
+        return self.train_rows.state_at(next_row) if isinstance(self.train_rows, StreamedRows) else {}
 
-def lay_out_rows(config: Config, tokenizer, prepared: PreparedData, say) -> TrainingData:
+    def resume_stream(self, state: dict[str, Any]) -> None:
+        """Continue the stream where the checkpoint's ``state`` left it."""
+        if isinstance(self.train_rows, StreamedRows):
+            self.train_rows.restore(state)
+
+
+def lay_out_rows(config: Config, tokenizer, prepared: PreparedData | StreamedData, say) -> TrainingData:
     """Training rows packed when ``sample_packing``, else the samples as prepared.
 
-    Validation rows stay unpacked: eval loss is then comparable across packing settings.
+    Validation rows stay unpacked: eval loss is then comparable across packing settings. A stream's rows come
+    packed (or one piece each) from the stream itself.
     """
     pad = tokenizer.pad_token_id
     val_collate = PaddedCollator(pad_token_id=pad)
+    if isinstance(prepared, StreamedData):
+        collator = PackedCollator if config.sample_packing else PaddedCollator
+        return TrainingData(tokenizer, prepared, prepared.train, collator(pad_token_id=pad, **config.padding()),
+                            prepared.val, val_collate)
     if not config.sample_packing:
         collate = PaddedCollator(pad_token_id=pad, **config.padding())
         return TrainingData(tokenizer, prepared, prepared.train, collate, prepared.val, val_collate)

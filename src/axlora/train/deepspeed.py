@@ -112,12 +112,12 @@ def _check_zero(source: str, ds: dict[str, Any], config: Config) -> None:
     stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise UserError(f"deepspeed: {source}: zero_optimization.stage must be 0, 1, 2 or 3, not {stage}.")
-    quantized = config.load_in_4bit or config.load_in_8bit
-    if stage == 3 and quantized:
+    # a 4-bit base partitions like the rest: its packed weights are stored in the compute dtype (model.load)
+    if stage == 3 and config.quantization_bits() == 8:
         raise UserError(
-            f"deepspeed: ZeRO-3 ({source}) partitions the base weights, which cannot be done with a quantized "
-            f"base ({'load_in_4bit' if config.load_in_4bit else 'load_in_8bit'}); use zero2 (or zero1) for QLoRA, "
-            "or drop the quantization."
+            f"deepspeed: ZeRO-3 ({source}) partitions the base weights, which cannot be done with an 8-bit base "
+            "(load_in_8bit); use load_in_4bit (QLoRA partitions under ZeRO-3), zero2 / zero1, or drop the "
+            "quantization."
         )
 
 

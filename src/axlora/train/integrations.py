@@ -10,6 +10,8 @@ The training loop uses one object::
     integrations = start_integrations(config, log=say, enabled=is_main)   # early: missing packages fail fast
     integrations.watch(model)                              # wandb_watch, once the model exists
     integrations.log(row)                                  # every metrics row (has "step")
+    integrations.log_table(name, rows, step)               # a table of rows (eval_table_size's predictions)
+    integrations.checkpoint_saved(directory, step)         # after each checkpoint (wandb_log_model: checkpoint)
     integrations.finish(RunLayout(output_dir).final, summary)     # uploads, Hub push, closes the runs
 """
 
@@ -58,7 +60,8 @@ class WandbRun:
     def __init__(self, config: Config, model, log: Log):
         wandb = _import("wandb", "wandb_project", "wandb")
         self.wandb = wandb
-        self.log_model = config.wandb_log_model in ("end", True)
+        self.log_model = config.wandb_log_model in ("end", "checkpoint", True)
+        self.log_checkpoints = config.wandb_log_model == "checkpoint"
         self.run = wandb.init(
             project=config.wandb_project,
             entity=config.wandb_entity,
@@ -79,6 +82,17 @@ class WandbRun:
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(_numbers(row), step=int(row["step"]))
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        self.run.log({name: self.wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])},
+                     step=step)
+
+    def checkpoint_saved(self, directory: Path, step: int) -> None:
+        if self.log_checkpoints:
+            artifact = self.wandb.Artifact(name=f"checkpoint-{self.run.id}", type="model", metadata={"step": step})
+            artifact.add_dir(str(directory))
+            self.run.log_artifact(artifact, aliases=[f"step-{step}", "latest"])
 
     def finish(self, final_dir: Path, summary: dict[str, Any]) -> None:
         if self.log_model:
@@ -110,6 +124,14 @@ class MlflowRun:
 
     def log(self, row: dict[str, Any]) -> None:
         self.mlflow.log_metrics(_numbers(row), step=int(row["step"]))
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        self.mlflow.log_table(data={c: [row[c] for row in rows] for c in columns},
+                              artifact_file=f"{name}/step-{step}.json")
+
+    def checkpoint_saved(self, directory: Path, step: int) -> None:
+        """MLflow uploads the final adapter only (hf_mlflow_log_artifacts)."""
 
     def finish(self, final_dir: Path, summary: dict[str, Any]) -> None:
         if self.log_artifacts:
@@ -168,6 +190,16 @@ class Integrations:
         """Send one metrics row (as written to logs/metrics.jsonl) to every tracker."""
         for run in self.runs:
             run.log(row)
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Send a table of rows (the same keys in each) to every tracker, as of ``step``."""
+        for run in self.runs:
+            run.log_table(name, rows, step)
+
+    def checkpoint_saved(self, directory: Path, step: int) -> None:
+        """A checkpoint was written: upload it where the config asks (``wandb_log_model: checkpoint``)."""
+        for run in self.runs:
+            run.checkpoint_saved(directory, step)
 
     def finish(self, final_dir: Path, summary: dict[str, Any]) -> None:
         """Upload what was asked for, push to the Hub, and close the runs."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from axlora.config.schema import Config
 from axlora.train.data_order import DataOrder
 
@@ -21,16 +23,17 @@ MEGA_BATCH_STEPS = 50
 
 @dataclass(frozen=True)
 class LengthGroupedOrder(DataOrder):
-    lengths: tuple[int, ...] = ()
+    lengths: bytes = b""
+    """Every row's length as int32 bytes: 4 bytes a row, hashed once (the order's cache keys on the schedule)."""
 
     @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
     def _order(self, epoch: int) -> tuple[int, ...]:
-        shuffled = super()._order(epoch)
+        shuffled = np.asarray(super()._order(epoch), dtype=np.int64)
+        lengths = np.frombuffer(self.lengths, dtype=np.int32)
         size = self.rows_per_step * MEGA_BATCH_STEPS
-        grouped: list[int] = []
-        for start in range(0, len(shuffled), size):
-            grouped += sorted(shuffled[start:start + size], key=lambda row: -self.lengths[row])
-        return tuple(grouped)
+        grouped = [group[np.argsort(-lengths[group], kind="stable")]  # longest first; ties keep the shuffle
+                   for group in (shuffled[start:start + size] for start in range(0, len(shuffled), size))]
+        return tuple(np.concatenate(grouped).tolist()) if grouped else ()
 
 
 @dataclass(frozen=True)
@@ -54,5 +57,13 @@ def build_data_order(config: Config, rows, world_size: int) -> DataOrder:
     if config.curriculum_sampling:
         return SequentialOrder(**common)
     if config.group_by_length and not config.sample_packing:
-        return LengthGroupedOrder(**common, lengths=tuple(len(row["input_ids"]) for row in rows))
+        return LengthGroupedOrder(**common, lengths=_row_lengths(rows).astype(np.int32).tobytes())
     return DataOrder(**common)
+
+
+def _row_lengths(rows) -> np.ndarray:
+    """Each row's token count: from the prepared rows' offsets when they have them, never reading a row."""
+    lengths = getattr(rows, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths)
+    return np.fromiter((len(row["input_ids"]) for row in rows), dtype=np.int64, count=len(rows))

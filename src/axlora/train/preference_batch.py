@@ -2,7 +2,8 @@
 and each answer's summed token log-probs read off the logits.
 
 A batch of n pairs is 2n sequences, chosen first then rejected, padded on the right; only the answer
-tokens count (the prompt is masked). KTO rows are n sequences, one completion each.
+tokens count (the prompt is masked). KTO rows are n sequences, one completion each, with a second batch of
+the same prompts followed by mismatched completions (``kl_ids``) for the KL estimate.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class PreferenceBatch:
     labels: Any
     pairs: int  # rows in the batch (pairs, or KTO completions)
     ref_logps: Any | None  # precomputed reference log-probs, one per sequence, when the rows carry them
-    desirable: Any | None  # KTO labels
+    desirable: Any | None = None  # KTO labels
+    mismatched: PreferenceBatch | None = None  # KTO: each prompt with another row's completion (the KL estimate)
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,18 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> PreferenceBatch:
         import torch
 
-        kto = "label" in rows[0]
-        sides = ["chosen_ids"] if kto else ["chosen_ids", "rejected_ids"]
+        if "label" not in rows[0]:
+            return self._pad(rows, ["chosen_ids", "rejected_ids"], 0)
+        batch = self._pad(rows, ["chosen_ids"], 0)
+        batch.desirable = torch.tensor([row["label"] for row in rows])
+        batch.mismatched = self._pad(rows, ["kl_ids"], 1)
+        return batch
+
+    def _pad(self, rows: list[dict[str, Any]], sides: list[str], ref_index: int) -> PreferenceBatch:
+        """The answers named by ``sides`` after their prompts, side by side; ``ref_index``: where the rows'
+        precomputed reference log-probs of the first side sit in ``ref_logps``."""
+        import torch
+
         sequences = [(row["prompt_ids"], row[side]) for side in sides for row in rows]
         width = max(len(prompt) + len(answer) for prompt, answer in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
@@ -47,10 +59,9 @@ class PreferenceCollator:
             attention[index, :length] = 1
         ref = None
         if "ref_logps" in rows[0]:
-            ref = torch.tensor([row["ref_logps"][side_index] for side_index in range(len(sides)) for row in rows],
+            ref = torch.tensor([row["ref_logps"][ref_index + side] for side in range(len(sides)) for row in rows],
                                dtype=torch.float32)
-        desirable = torch.tensor([row["label"] for row in rows]) if kto else None
-        return PreferenceBatch(input_ids, attention, labels, len(rows), ref, desirable)
+        return PreferenceBatch(input_ids, attention, labels, len(rows), ref)
 
 
 def answer_logps(model, batch: PreferenceBatch, device, with_weights: bool = False) -> tuple[SideLogps, Any]:

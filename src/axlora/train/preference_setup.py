@@ -35,13 +35,6 @@ class PreparedPreferences:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def check_preference_run(config: Config) -> None:
-    """What a preference run cannot combine with, said before anything loads."""
-    if config.rl == "kto":
-        raise UserError("rl: kto: axlora prepares KTO datasets but does not train them yet; use dpo, ipo, simpo or "
-                        "orpo on chosen / rejected pairs.")
-
-
 def prepare_preference_rows(config: Config, runtime: Runtime) -> tuple[Any, PreparedPreferences]:
     tokenizer = load_tokenizer(config, log=runtime.say)
     data = prepare_preferences(config, tokenizer, runtime.say)
@@ -65,41 +58,60 @@ def preference_prompt_texts(config: Config, tokenizer) -> list[str]:
 
 def build_objective(config: Config, model, adapter: AdapterChoice, data: TrainingData, runtime: Runtime
                     ) -> PreferenceObjective:
-    """The objective; reference log-probs computed now where the method needs them and must not move."""
+    """The objective; reference log-probs computed now where the method needs them and must not move (under
+    FSDP once the model is sharded: ``attach_deferred_reference``)."""
     objective, say = PreferenceObjective(config), runtime.say
     if not config.uses_reference():
         say(f"preference: rl: {config.rl}, beta {config.beta():g}, no reference model")
         return objective
     continuing = adapter.case == "continue"
-    if continuing or config.precompute_ref_log_probs:
-        _place_for_reference_pass(config, model, runtime)
-        source = "the adapter this round starts from" if continuing else "the base model (adapter disabled)"
-        for rows in (data.train_rows, data.val_rows):
-            attach_reference_logps(model, rows, data.collate, config.micro_batch_size, disable=not continuing,
-                                   autocast=runtime.accelerator.autocast)
-        say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: {source}, log-probs of "
-            f"{len(data.train_rows) + len(data.val_rows)} rows computed before training")
-    else:
+    if not (continuing or config.precompute_ref_log_probs):
         objective.disabled_adapter = model.disable_adapter
         say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: the base model (adapter disabled)")
+    elif runtime.fsdp:
+        objective.deferred_reference = "adapter" if continuing else "base"
+    else:
+        _place_for_reference_pass(config, model, runtime)
+        _reference_pass(config, model, data, runtime, from_base=not continuing)
     return objective
+
+
+def attach_deferred_reference(config: Config, objective: PreferenceObjective, model, data: TrainingData,
+                              runtime: Runtime) -> None:
+    """FSDP: the reference pass on the sharded model, right after wrapping (a rank may not hold the whole base
+    before: ``cpu_ram_efficient_loading``) and before a resumed run loads its checkpoint's adapter. Every rank
+    runs the forwards of every row, each gathering the weights from all ranks, so every rank holds them all."""
+    if objective.deferred_reference is not None:
+        _reference_pass(config, model, data, runtime, from_base=objective.deferred_reference == "base")
+        objective.deferred_reference = None
+
+
+def _reference_pass(config: Config, model, data: TrainingData, runtime: Runtime, from_base: bool) -> None:
+    source = "the base model (adapter disabled)" if from_base else "the adapter this round starts from"
+    for rows in (data.train_rows, data.val_rows):
+        attach_reference_logps(model, rows, data.collate, config.micro_batch_size, disable=from_base,
+                               autocast=runtime.accelerator.autocast)
+    runtime.say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: {source}, log-probs of "
+                f"{len(data.train_rows) + len(data.val_rows)} rows computed before training")
 
 
 def _place_for_reference_pass(config: Config, model, runtime: Runtime) -> None:
     """The reference pass runs before the model is wrapped for parallelism: on this process's device, which the
-    wrapping would move the model to anyway. Sharded weights (FSDP, ZeRO-3) are not whole on any rank yet."""
-    if runtime.fsdp or runtime.zero_stage == 3:
-        raise UserError("rl / fsdp, deepspeed zero3: the reference log-probs of a continued adapter (or "
-                        "precompute_ref_log_probs) are computed before the weights are sharded, which FSDP and ZeRO-3 "
-                        "do not allow yet; use DDP or ZeRO-1/2, or a fresh LoRA without precompute_ref_log_probs.")
+    wrapping would move the model to anyway. ZeRO-3 loads the weights partitioned: none is whole on any rank."""
+    if runtime.zero_stage == 3:
+        raise UserError("rl / deepspeed zero3: the reference log-probs of a continued adapter (or "
+                        "precompute_ref_log_probs) are computed before DeepSpeed starts, when ZeRO-3's partitioned "
+                        "weights cannot run a forward; use ZeRO-1/2, fsdp, or a fresh LoRA without "
+                        "precompute_ref_log_probs.")
     if config.quantization_bits() is None:
         model.to(runtime.accelerator.device)
 
 
 def attach_reference_logps(model, rows: list[dict[str, Any]], collate, batch_size: int, disable: bool,
                            autocast) -> None:
-    """Each row's reference log-probs (``ref_logps``: chosen, rejected), one pass in eval mode, in the precision
-    the steps compute in (so that at step 0 the policy's log-probs equal them)."""
+    """Each row's reference log-probs (``ref_logps``: chosen, rejected; KTO: the completion, the mismatched
+    completion), one pass in eval mode, in the precision the steps compute in (so that at step 0 the policy's
+    log-probs equal them)."""
     import contextlib
 
     import torch
@@ -113,8 +125,15 @@ def attach_reference_logps(model, rows: list[dict[str, Any]], collate, batch_siz
                      for row in rows[start:start + batch_size]]
             batch = collate(chunk)
             with autocast():
-                logps, _ = answer_logps(model, batch, device)
-            values = logps.logps.float().cpu().view(-1, batch.pairs).T.tolist()  # sides x pairs -> pairs x sides
+                values = _per_row_logps(model, batch, device)
+                if batch.mismatched is not None:
+                    values = [mine + other for mine, other in
+                              zip(values, _per_row_logps(model, batch.mismatched, device), strict=True)]
             for row, value in zip(rows[start:start + batch_size], values, strict=True):
                 row["ref_logps"] = value
     model.train(was_training)
+
+
+def _per_row_logps(model, batch, device) -> list[list[float]]:
+    logps, _ = answer_logps(model, batch, device)
+    return logps.logps.float().cpu().view(-1, batch.pairs).T.tolist()  # sides x rows -> rows x sides

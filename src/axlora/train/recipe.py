@@ -26,21 +26,24 @@ from axlora.core.layout import RunLayout
 from axlora.model.adapter_choice import AdapterChoice, resolve_adapter
 from axlora.model.machine import require_machine_support
 from axlora.train import checkpoint as ckpt
+from axlora.train.causal_lm_eval import CausalLMEval, start_causal_lm_eval
 from axlora.train.completions import generate_completions, sample_prompt_texts
 from axlora.train.data_order import DataOrder
 from axlora.train.data_setup import TrainingData, check_eval_settings, lay_out_rows, prepare_rows
 from axlora.train.divergence import check_step, weights_finite
 from axlora.train.early_stopping import EarlyStopping
+from axlora.train.eval_table import EvalTable, start_eval_table
 from axlora.train.final import build_summary, print_completions, write_final
 from axlora.train.intervals import evaluates_at, saves_at
 from axlora.train.length_groups import build_data_order
 from axlora.train.metrics import MetricsLog
 from axlora.train.model_setup import choose_loss, config_as_trained, load_model, parameters_line
+from axlora.train.neftune import start_neftune
 from axlora.train.optim import build_lr_scheduler, build_optimizer
 from axlora.train.parallel import DataParallel
 from axlora.train.preference_setup import (
+    attach_deferred_reference,
     build_objective,
-    check_preference_run,
     lay_out_preference_rows,
     preference_prompt_texts,
     prepare_preference_rows,
@@ -51,8 +54,10 @@ from axlora.train.preference_step import (
     preference_evaluate,
     preference_step,
 )
+from axlora.train.pretraining_rows import corpus_prompt_texts, stream_order
 from axlora.train.progress import Progress
 from axlora.train.resume import Resume, decide_resume, load_checkpoint_adapter, restore_training_state
+from axlora.train.router_aux import router_aux_coefficient
 from axlora.train.runtime import Runtime, start_runtime
 from axlora.train.step import StepResult, evaluate, train_step
 from axlora.train.stop_requests import StopRequests
@@ -120,6 +125,9 @@ class TrainingRun:
     metrics: MetricsLog
     progress: Progress
     objective: PreferenceObjective | None = None  # rl: the preference objective instead of the token loss
+    causal_eval: CausalLMEval | None = None  # do_causal_lm_eval: completions of validation rows, scored
+    eval_table: EvalTable | None = None  # eval_table_size: predictions for validation rows at each evaluation
+    router_aux: float | None = None  # router_aux_loss_coef: the MoE router loss's weight in the training loss
 
     def __init__(self, config: Config, log=print, stop: StopRequests | None = None):
         self.config = config
@@ -127,7 +135,7 @@ class TrainingRun:
         self.stop = stop or StopRequests(log)
         self.started = time.perf_counter()
         self.layout = RunLayout(Path(config.output_dir))
-        self.early = EarlyStopping(config.early_stopping_patience)
+        self.early = EarlyStopping.from_config(config)
         self.counters = Counters()
 
     @property
@@ -146,8 +154,6 @@ class TrainingRun:
         config = self.config
         # decided from the config and the disk alone, before torch loads: a bad lora_model_dir fails in a second
         check_eval_settings(config)
-        if config.rl:
-            check_preference_run(config)
         self.adapter = resolve_adapter(config)
         require_machine_support(config)  # a missing GPU/bitsandbytes/flash-attn fails in a second
         self.runtime = start_runtime(config, self.log)
@@ -156,12 +162,20 @@ class TrainingRun:
         tokenizer, prepared = prepare(config, self.runtime)
         self.resume = decide_resume(config, self.runtime, checkpoint, prepared.fingerprint)
         self.data = lay_out(config, tokenizer, prepared, self.say)
+        self.causal_eval = start_causal_lm_eval(config, tokenizer, self.data.val_rows, self.say)
+        self.eval_table = start_eval_table(config, tokenizer, self.data.val_rows, self.say)
         self._setup_model()
         optimizer = self._setup_optimizer()
-        if self.resume.resuming:
+        deferred = self.objective is not None and self.objective.deferred_reference is not None
+        if self.resume.resuming and not deferred:
             load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
         self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
-        self.prompts = (preference_prompt_texts if config.rl else sample_prompt_texts)(config, tokenizer)
+        if deferred:  # FSDP: the reference pass on the sharded model, before the checkpoint's adapter loads
+            attach_deferred_reference(config, self.objective, self.unwrapped, self.data, self.runtime)
+            if self.resume.resuming:
+                load_checkpoint_adapter(self.resume, self.unwrapped)  # the adapter stays whole under FSDP
+        self.prompts = (preference_prompt_texts if config.rl else corpus_prompt_texts if config.pretraining_dataset
+                        else sample_prompt_texts)(config, tokenizer)
         self.completions_before = self._complete_prompts()
         if self.resume.resuming:
             self._restore_training_state()
@@ -169,19 +183,22 @@ class TrainingRun:
 
     def _setup_model(self) -> None:
         self.model = load_model(self.config, self.runtime, self.data.tokenizer, self.adapter)
+        start_neftune(self.model, self.config, self.say)
         if self.config.rl:  # before a checkpoint's weights load: the reference is the round's starting adapter
             self.objective = build_objective(self.config, self.model, self.adapter, self.data, self.runtime)
         self.loss_mode = no_loss_patch if self.config.rl else choose_loss(self.config, self.model, self.say)
+        self.router_aux = router_aux_coefficient(self.config, self.model)
         self.config_as_trained = config_as_trained(self.config, self.model, self.adapter)
         self.say(parameters_line(self.model, self.runtime.precision))
 
     def _setup_optimizer(self):
         """The data order fixes the step count, which the learning-rate schedule needs."""
         config = self.config
-        self.order = build_data_order(config, self.data.train_rows, self.runtime.world_size)
+        schedule = stream_order if config.pretraining_dataset else build_data_order
+        self.order = schedule(config, self.data.train_rows, self.runtime.world_size)
         self.total_steps = self.order.total_steps(config.num_epochs, config.max_steps)
         optimizer_cls, optimizer_kwargs = self.runtime.optimizer_choice
-        optimizer = build_optimizer(self.model, config, optimizer_cls, optimizer_kwargs)
+        optimizer = build_optimizer(self.model, config, optimizer_cls, optimizer_kwargs, self.say)
         self.scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
         return optimizer
 
@@ -189,6 +206,7 @@ class TrainingRun:
         resume = self.resume
         assert resume.checkpoint is not None and resume.state is not None
         restore_training_state(resume, self.parallel, self.scheduler, self.early)
+        self.data.resume_stream(resume.state)
         self.counters = Counters.from_checkpoint(resume.state)
         for note in ckpt.resume_notes(resume.checkpoint, self.config, resume.state, self.total_steps):
             self.say(f"warning: resume: {note}")
@@ -200,6 +218,8 @@ class TrainingRun:
         self.metrics = MetricsLog(self.layout.logs, resume_step=self.counters.start_step, enabled=runtime.is_main,
                                   say=self.say)
         runtime.integrations.watch(self.unwrapped)
+        if self.eval_table is not None:
+            self.eval_table.open(self.layout.logs, self.counters.start_step, runtime.is_main)
         self.say(
             f"train: {len(self.data.train_rows)} rows, {self.order.rows_per_step} rows/step "
             f"({config.micro_batch_size} micro x {config.gradient_accumulation_steps} accum x "
@@ -251,7 +271,7 @@ class TrainingRun:
                                      self.data.collate, self.config.max_grad_norm)
         else:
             result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
-                                self.config.max_grad_norm, self.loss_mode)
+                                self.config.max_grad_norm, self.loss_mode, self.router_aux)
         self._check_finite(step + 1, result)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -296,10 +316,29 @@ class TrainingRun:
                                       self.data.val_collate, self.config.micro_batch_size)
         else:
             row = {"eval_loss": evaluate(self.model, self.runtime.accelerator, self.data.val_rows,
-                                         self.data.val_collate, self.config.micro_batch_size)}
-        self.early.observe(step, row["eval_loss"], self.unwrapped, self.parallel)
+                                         self.data.val_collate, self.config.micro_batch_size),
+                   **self._causal_lm_scores()}
+            self._record_predictions(step)
+        self.early.observe(step, row, self.unwrapped, self.parallel)
         self.counters.eval_loss = row["eval_loss"]
         return row
+
+    def _causal_lm_scores(self) -> dict[str, float]:
+        """do_causal_lm_eval's scores (none when off); under ZeRO-3 and FSDP every rank generates, in step."""
+        if self.causal_eval is None:
+            return {}
+        sharded = self.parallel.sharded_weights
+        return self.causal_eval.scores(self.model, self.unwrapped, self.data.tokenizer, self.runtime.accelerator,
+                                       self.data.val_collate, self.config.micro_batch_size,
+                                       generating=self.runtime.is_main or sharded, synced_ranks=sharded)
+
+    def _record_predictions(self, step: int) -> None:
+        """eval_table_size's predictions (none when off); under ZeRO-3 and FSDP every rank generates, in step."""
+        if self.eval_table is not None:
+            sharded = self.parallel.sharded_weights
+            self.eval_table.record(step, self.unwrapped, self.data.tokenizer, self.config.micro_batch_size,
+                                   generating=self.runtime.is_main or sharded, synced_ranks=sharded,
+                                   send_table=self.runtime.integrations.log_table)
 
     def _log(self, row: dict[str, Any]) -> None:
         """One row to logs/metrics.jsonl, the trackers and the console."""
@@ -313,11 +352,13 @@ class TrainingRun:
             self.layout.root, counters.step, parallel=self.parallel,
             save_adapter=lambda directory: ckpt.save_adapter(self.unwrapped, directory),
             scheduler=self.scheduler, config=self.config_as_trained, resume_key=self.resume.key,
-            extra_state={"totals": counters.totals, "total_steps": self.total_steps,
+            extra_state={**self.data.stream_state(counters.step * self.order.rows_per_step),
+                         "totals": counters.totals, "total_steps": self.total_steps,
                          "last_eval_loss": counters.eval_loss, "early_stopping": self.early.state()},
             save_total_limit=self.config.save_total_limit,
             best_adapter=self.early.best_weights,
         )
+        self.runtime.integrations.checkpoint_saved(self.layout.checkpoint(counters.step), counters.step)
 
     # ---- finish -------------------------------------------------------------------------------------
 
@@ -327,8 +368,7 @@ class TrainingRun:
         if early.enabled and early.best_step is not None:
             with self.parallel.gathered_adapter(modify=True):
                 early.restore_best(self.unwrapped)
-            self.say(f"final: the best adapter, step {early.best_step} (eval_loss {early.best_eval_loss:.4f}), "
-                     f"of {self.counters.step} steps trained")
+            self.say(early.best_line(self.counters.step))
         summary = build_summary(self, completions_after=self._complete_prompts())
         with self.parallel.gathered_adapter():
             if runtime.is_main:

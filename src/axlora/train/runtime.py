@@ -10,7 +10,8 @@ from axlora.config.fsdp import FsdpSettings, fsdp_settings
 from axlora.config.schema import Config
 from axlora.train.deepspeed import DeepSpeedSetup
 from axlora.train.integrations import Integrations, start_integrations
-from axlora.train.optim import resolve_optimizer
+from axlora.train.neftune import check_neftune
+from axlora.train.optim import resolve_optimizer, scheduler_arguments
 from axlora.train.parallel import DataParallel, deepspeed_setup, make_accelerator, prepare_parallel
 from axlora.train.precision import Precision, choose_precision
 
@@ -51,6 +52,8 @@ def start_runtime(config: Config, log: Callable[[str], None]) -> Runtime:
     """Choose precision and optimizer, start the accelerator (and process group), report, start trackers."""
     precision = choose_precision(config)
     optimizer_choice = resolve_optimizer(config)
+    scheduler_arguments(config)  # an unknown schedule argument fails before the model loads
+    check_neftune(config)
     deepspeed = deepspeed_setup(config, precision.name)
     fsdp = fsdp_settings(config)
     accelerator = make_accelerator(config, precision.mixed_precision, deepspeed)

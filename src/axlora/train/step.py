@@ -24,11 +24,14 @@ class StepResult(NamedTuple):
     figures: dict[str, float] | None = None  # preference tuning: rewards and log-probs per side (TRL's names)
 
 
-def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_grad_norm, loss_mode) -> StepResult:
+def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_grad_norm, loss_mode,
+               router_aux_loss_coef: float | None = None) -> StepResult:
     """One optimizer step; the loss is normalized by the label tokens of the whole step on all ranks.
 
     The last step of an epoch may give ranks different numbers of micro batches (or none); the missing
-    ones run on a filler batch with weight zero.
+    ones run on a filler batch with weight zero. With ``router_aux_loss_coef`` each micro batch's loss also holds
+    that coefficient times the MoE router's load-balancing loss (the model adds it, see ``router_aux``); the
+    logged loss stays the token loss, and the router loss is logged as ``aux_loss``.
     """
     import torch
 
@@ -46,18 +49,27 @@ def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_
     if fillers:
         filler = collate([rows[i] for i in (chunks[-1] if chunks else order.step_rows(step)[:1])])
         passes += [(filler, 0.0)] * fillers
+    router = {"output_router_logits": True} if router_aux_loss_coef else {}
     step_loss = torch.zeros((), device=accelerator.device, dtype=torch.float32)
+    aux = torch.zeros(2, device=accelerator.device, dtype=torch.float32)  # router loss sum, micro batches
     for index, (batch, weight) in enumerate(passes):
         with parallel.micro_step(last=index == len(passes) - 1), accelerator.autocast(), loss_mode():
             out = model(**model_inputs(batch, accelerator.device, include_labels=True),
-                        num_items_in_batch=max(global_label_tokens, 1))
+                        num_items_in_batch=max(global_label_tokens, 1), **router)
             # gradients are averaged over ranks (DDP, FSDP, ZeRO); scale up so the result is the global token mean
             parallel.backward(out.loss * (accelerator.num_processes * weight))
-        step_loss += out.loss.detach().float() * weight
+        token_loss = out.loss.detach().float()
+        if router:
+            router_loss = out.aux_loss.detach().float().to(token_loss.device)
+            token_loss = token_loss - router_aux_loss_coef * router_loss
+            aux += torch.stack([router_loss * weight, torch.tensor(weight, device=aux.device)])
+        step_loss += token_loss * weight
     grad_norm = parallel.finish_step(max_grad_norm)
     if accelerator.num_processes > 1:
         step_loss = accelerator.reduce(step_loss, reduction="sum")
-    return StepResult(float(step_loss), grad_norm, global_tokens, global_label_tokens)
+        aux = accelerator.reduce(aux, reduction="sum") if router else aux
+    figures = {"aux_loss": float(aux[0] / aux[1].clamp(min=1))} if router else None
+    return StepResult(float(step_loss), grad_norm, global_tokens, global_label_tokens, figures)
 
 
 def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
