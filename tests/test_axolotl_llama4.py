@@ -335,3 +335,15 @@ def test_fsdp_shards_linearized_experts_and_trains_what_one_process_does(make_co
         figures["sharded_parameters"] < 0.55
     assert logged(tmp_path / "out") == pytest.approx(logged(tmp_path / "one"), rel=1e-4)
     assert_close_final_adapters(tmp_path / "out", tmp_path / "one", rtol=1e-4, atol=1e-6)
+
+
+def test_a_checkpoint_without_safetensors_is_refused_by_name(make_config, llama4_dir, tmp_path):
+    import shutil
+
+    target = tmp_path / "no-weights"
+    target.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (llama4_dir / name).exists():
+            shutil.copy(llama4_dir / name, target / name)
+    with pytest.raises(UserError, match=r"llama4_linearized_experts: found no safetensors weights .* of base_model"):
+        load_base_model(_config(make_config, target), torch.float32, log=lambda _m: None)

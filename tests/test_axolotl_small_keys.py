@@ -1,5 +1,5 @@
 """Axolotl's small keys do what they do there: batch_size, evals_per_epoch: 0, lr_quadratic_warmup, the pure-dtype
-switches, dataset_exact_deduplication, curriculum_sampling and the attention names that are not transformers
+switches, dataset_exact_deduplication, curriculum_sampling, dataloader_drop_last and the attention names that are not transformers
 backends."""
 
 from __future__ import annotations
@@ -84,6 +84,19 @@ def test_curriculum_sampling_keeps_the_prepared_order_every_epoch():
     assert [shuffled.step_rows(step) for step in range(3)] != [[0, 1], [2, 3], [4, 5]]
     with pytest.raises(ValueError, match="curriculum_sampling / group_by_length"):
         config(curriculum_sampling=True, group_by_length=True)
+
+
+def test_dataloader_drop_last_leaves_out_the_short_last_step_of_each_epoch():
+    rows = [{"input_ids": [1] * (i + 1)} for i in range(7)]
+    for grouped in (False, True):
+        keeps = build_data_order(config(micro_batch_size=3, group_by_length=grouped), rows, world_size=1)
+        drops = build_data_order(config(micro_batch_size=3, group_by_length=grouped, dataloader_drop_last=True),
+                                 rows, world_size=1)
+        assert (keeps.steps_per_epoch, drops.steps_per_epoch) == (3, 2)
+        assert [len(keeps.step_rows(step)) for step in range(3)] == [3, 3, 1]
+        assert [len(drops.step_rows(step)) for step in range(4)] == [3, 3, 3, 3]  # epoch 2 starts at step 2
+        assert drops.total_steps(num_epochs=2, max_steps=None) == 4
+    assert build_data_order(config(micro_batch_size=8, dataloader_drop_last=True), rows, 1).steps_per_epoch == 1
 
 
 def test_exact_deduplication_drops_repeated_rows_before_the_split(tmp_path, tiny_model_dir):

@@ -238,9 +238,6 @@ REJECTED: dict[str, Rejected] = {
     **_rejected(
         "axlora checkpoints always hold the full training state so that a run can resume", "save_only_model",
     ),
-    **_rejected(
-        "axlora keeps an epoch's last, shorter step (its loss normalized by its own tokens)", "dataloader_drop_last",
-    ),
     **_rejected("axlora shuffles the rows of all datasets together with seed", "shuffle_before_merging_datasets"),
     **_rejected(
         "sharding the dataset is not supported; take part of it with split slicing (split: \"train[:10%]\")",

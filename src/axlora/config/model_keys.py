@@ -23,7 +23,8 @@ class ModelSettings(StrictModel):
         default=False,
         description="Llama 4 MoE: split the fused routed experts into one linear layer per expert and projection "
         "(feed_forward.experts.gate_projs.N / up_projs.N / down_projs.N), as Axolotl does, so lora_target_modules "
-        "and load_in_4bit/8bit reach them. Loads the standard checkpoint; LoRA on these layers is saved in the "
+        "and load_in_4bit/8bit reach them. Loads the standard checkpoint (split after loading) or one saved "
+        "linearized, as Axolotl's Llama 4 copies are (pre-quantized ones too); LoRA on these layers is saved in the "
         "fused layout (peft target_parameters), so the adapter loads on the standard model.",
     )
 
@@ -186,7 +187,9 @@ class AttentionSettings(StrictModel):
 
     @model_validator(mode="after")
     def _ssmax_settings_need_ssmax(self) -> AttentionSettings:
-        stray = sorted({"scaling_softmax_factor", "scaling_softmax_bias"} & self.model_fields_set)
+        # a saved config lists every key with its default, so only a changed value asks for SSMax
+        stray = sorted(key for key in ("scaling_softmax_factor", "scaling_softmax_bias")
+                       if getattr(self, key) != type(self).model_fields[key].default)
         if stray and not self.scaling_softmax:
             raise ValueError(f"{' / '.join(stray)}: set{'s' if len(stray) == 1 else ''} SSMax attention, which is on "
                              "only with scaling_softmax: true.")

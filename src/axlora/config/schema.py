@@ -166,8 +166,6 @@ class Config(
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         problems = []
-        if self.max_steps is None and self.num_epochs is None:
-            problems.append("num_epochs / max_steps: set at least one of them (how long to train).")
         if (
             self.lora_model_dir is None
             and not self.lora_target_linear

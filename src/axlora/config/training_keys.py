@@ -309,6 +309,11 @@ class BatchingSettings(StrictModel):
         default=False,
         description="Train on the rows in their prepared order every epoch (no per-epoch shuffle), for curricula.",
     )
+    dataloader_drop_last: bool = Field(
+        default=False,
+        description="Leave out each epoch's last, shorter step (fewer rows than micro_batch_size x "
+        "gradient_accumulation_steps x processes); by default it is trained, its loss normalized by its own tokens.",
+    )
     group_by_length: bool = Field(
         default=False,
         description="Without sample_packing: batch rows of similar length together (less padding, same rows "

@@ -39,8 +39,9 @@ def _weight_names(source: str, revision: str | None) -> list[str]:
         return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
     single = _checkpoint_file(source, WEIGHTS_FILE, revision)
     if single is None:
-        raise UserError(f"llama4_linearized_experts: base_model '{source}' has no safetensors weights "
-                        f"({WEIGHTS_INDEX} or {WEIGHTS_FILE}) to tell the layout of its experts from.")
+        raise UserError(f"llama4_linearized_experts: found no safetensors weights ({WEIGHTS_INDEX} or "
+                        f"{WEIGHTS_FILE}) of base_model '{source}' to tell the layout of its experts from: the "
+                        "checkpoint is not in safetensors format, or (a Hub id) not downloaded and the Hub unreachable.")
     return [tensor.name for tensor in read_header(single)[0]]
 
 

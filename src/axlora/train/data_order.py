@@ -21,6 +21,7 @@ class DataOrder:
     gradient_accumulation_steps: int
     world_size: int
     seed: int
+    drop_last: bool = False  # dataloader_drop_last: no short last step in an epoch
 
     @property
     def rows_per_step(self) -> int:
@@ -28,8 +29,10 @@ class DataOrder:
 
     @property
     def steps_per_epoch(self) -> int:
-        """The last step of an epoch may be short; it is kept (its loss is normalized by its own tokens)."""
-        return max(1, math.ceil(self.num_rows / self.rows_per_step))
+        """The last step of an epoch may be short; it is kept (its loss is normalized by its own tokens) unless
+        ``drop_last``, when the rows left over are not trained that epoch (a reshuffle brings them back)."""
+        whole = math.floor if self.drop_last else math.ceil
+        return max(1, whole(self.num_rows / self.rows_per_step))
 
     def total_steps(self, num_epochs: float | None, max_steps: int | None) -> int:
         if max_steps is not None:

@@ -53,6 +53,7 @@ def build_data_order(config: Config, rows, world_size: int) -> DataOrder:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         world_size=world_size,
         seed=config.seed,
+        drop_last=config.dataloader_drop_last,
     )
     if config.curriculum_sampling:
         return SequentialOrder(**common)
