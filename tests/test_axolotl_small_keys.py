@@ -68,6 +68,13 @@ def test_quadratic_warmup_then_cosine():
 def test_pure_dtype_switches_choose_the_weight_dtype():
     assert choose_precision(config(bfloat16=True)).torch_dtype == torch.bfloat16  # bf16 default is auto: fp32 on CPU
     assert choose_precision(config(float32=True, bf16="auto")).torch_dtype == torch.float32
+    # bfloat16: auto (in some of Axolotl's examples) is bf16: auto: bfloat16 only where a GPU supports it
+    assert choose_precision(config(bfloat16="auto")).torch_dtype == torch.float32
+    assert choose_precision(config(bfloat16="auto", bf16=True)).torch_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bfloat16: auto loads the weights in bfloat16, bf16: false"):
+        config(bfloat16="auto", bf16=False)
+    with pytest.raises(ValueError, match="float16.*write fp16: true"):
+        config(float16="auto")
     with pytest.raises(UserError, match="float16: float16 training needs a CUDA GPU"):
         choose_precision(config(float16=True))
     with pytest.raises(ValueError, match="bfloat16: true loads the weights in bfloat16, bf16: false"):

@@ -202,14 +202,15 @@ class Config(
 
     def _precision_problems(self) -> list[str]:
         """Axolotl's pure-dtype switches (bfloat16, float16, float32) must agree with bf16 / fp16."""
-        chosen = {"bf16": self.bf16 is True or self.bfloat16, "fp16": self.fp16 or self.float16, "fp32": self.float32}
+        chosen = {"bf16": self.bf16 is True or self.bfloat16 is True, "fp16": self.fp16 or self.float16, "fp32": self.float32}
         named = [name for name, on in chosen.items() if on]
         problems = []
         if len(named) > 1:
             problems.append(f"bf16 / bfloat16 / fp16 / float16 / float32: these ask for {' and '.join(named)}; "
                             "choose one precision.")
         if self.bfloat16 and self.bf16 is False:
-            problems.append("bfloat16 / bf16: bfloat16: true loads the weights in bfloat16, bf16: false says not to.")
+            problems.append(f"bfloat16 / bf16: bfloat16: {str(self.bfloat16).lower()} loads the weights in bfloat16, "
+                            "bf16: false says not to.")
         return problems
 
     def _linearized_expert_problems(self) -> list[str]:

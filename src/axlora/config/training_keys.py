@@ -94,8 +94,9 @@ class TrainingSettings(StrictModel):
     )
     bf16: BoolOrAuto = Field(default="auto", description="bfloat16 training; auto: where the GPU supports it.")
     fp16: bool = Field(default=False, description="float16 mixed precision (GPU only).")
-    bfloat16: bool = Field(
-        default=False, description="Axolotl's pure-bfloat16 switch: the base weights load in bfloat16 (as bf16: true)."
+    bfloat16: BoolOrAuto = Field(
+        default=False, description="Axolotl's pure-bfloat16 switch: the base weights load in bfloat16 (as bf16: true); "
+        "auto (written in some of Axolotl's examples): bfloat16 where the GPU supports it, as bf16: auto.",
     )
     float16: bool = Field(
         default=False, description="Axolotl's pure-float16 switch: the base weights load in float16 (as fp16: true; "
@@ -103,13 +104,13 @@ class TrainingSettings(StrictModel):
     )
     float32: bool = Field(default=False, description="Load and train in float32 (as bf16: false).")
 
-    @field_validator("bfloat16", "float16", mode="before")
+    @field_validator("float16", mode="before")
     @classmethod
     def _pure_dtype_is_a_switch(cls, value: Any) -> Any:
-        """Axolotl's schema types these as true/false and refuses ``auto`` itself; say which key takes ``auto``."""
+        """Axolotl's schema types float16 as true/false and refuses ``auto`` itself; say which key takes ``auto``."""
         if isinstance(value, str) and value.strip().lower() == "auto":
-            raise ValueError("true or false (Axolotl's own schema refuses 'auto' here too); for bfloat16 where the "
-                             "hardware supports it, write bf16: auto")
+            raise ValueError("true or false (Axolotl's own schema refuses 'auto' here too); for float16 on a GPU "
+                             "write fp16: true")
         return value
 
     tf32: BoolOrAuto = Field(default=False, description="Allow TF32 matmuls on Ampere+ GPUs (auto: where supported).")

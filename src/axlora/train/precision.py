@@ -44,10 +44,10 @@ def choose_precision(config: Config) -> Precision:
         return Precision("fp16")
     if config.float32:
         return Precision("fp32")
-    bf16 = True if config.bfloat16 else config.bf16
+    bf16 = True if config.bfloat16 is True else config.bf16  # bfloat16: auto is bf16's own auto (its default)
     if bf16 == "auto":
         return Precision("bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32")
     if bf16 and cuda and not torch.cuda.is_bf16_supported():
-        key = "bfloat16" if config.bfloat16 else "bf16"
+        key = "bfloat16" if config.bfloat16 is True else "bf16"
         raise UserError(f"{key}: this GPU does not support bfloat16; set {key}: false (or bf16: auto).")
     return Precision("bf16" if bf16 else "fp32")
