@@ -5,12 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+from axlora.core.progress import format_seconds
 
 
 class Progress:
