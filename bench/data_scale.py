@@ -12,6 +12,9 @@ children, read in a small wrapper process so that the benchmark's own size never
 tiny Llama with the demo tokenizer, so the figures are those of the data path alone.
 
     python bench/data_scale.py --workdir /tmp/axlora-scale [--rows 150000 600000 2400000] [--json figures.json]
+
+``--no-train`` measures preprocess alone; ``--train-only`` measures train alone on the cache an earlier run left in
+the same workdir (a training-side change can then be measured without preparing the data again).
 """
 
 from __future__ import annotations
@@ -70,19 +73,24 @@ def write_config(workdir: Path, data: Path, model: str) -> Path:
     return path
 
 
-def run_size(workdir: Path, rows: int, model: str, train: bool = True) -> dict:
+def run_size(workdir: Path, rows: int, model: str, train: bool = True, preprocess: bool = True) -> dict:
     import shutil
 
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "completion.jsonl"
-    if not data.exists() or sum(1 for _ in open(data, "rb")) != rows:
+    if preprocess and (not data.exists() or sum(1 for _ in open(data, "rb")) != rows):
         generate(data, rows)
     config = write_config(workdir, data, model)
-    shutil.rmtree(workdir / "prepared", ignore_errors=True)
     shutil.rmtree(workdir / "out", ignore_errors=True)
     axlora = [sys.executable, "-m", "axlora"]
-    pre_seconds, pre_peak = measure([*axlora, "preprocess", str(config)], workdir / "preprocess.log")
-    report = json.loads(next((workdir / "prepared").glob("*/report.json")).read_text())
+    pre_seconds, pre_peak = float("nan"), 0
+    if preprocess:
+        shutil.rmtree(workdir / "prepared", ignore_errors=True)
+        pre_seconds, pre_peak = measure([*axlora, "preprocess", str(config)], workdir / "preprocess.log")
+    reports = list((workdir / "prepared").glob("*/report.json"))
+    if len(reports) != 1:
+        raise SystemExit(f"--train-only needs the one prepared cache of an earlier run under {workdir / 'prepared'}")
+    report = json.loads(reports[0].read_text())
     train_seconds, train_peak = (measure([*axlora, "train", str(config)], workdir / "train.log")
                                   if train else (float("nan"), 0))
     return {"rows": rows, "tokens": report["train"]["tokens"] + report["val"]["tokens"],
@@ -97,13 +105,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[150_000, 600_000, 2_400_000])
     parser.add_argument("--model", default="axlora:tiny-llama")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--no-train", action="store_true", help="measure preprocess only")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--no-train", action="store_true", help="measure preprocess only")
+    only.add_argument("--train-only", action="store_true", help="measure train only, on an earlier run's cache")
     args = parser.parse_args()
     args.workdir = args.workdir.resolve()
     results = []
     started = time.perf_counter()
     for rows in args.rows:
-        results.append(run_size(args.workdir / f"rows-{rows}", rows, args.model, not args.no_train))
+        results.append(run_size(args.workdir / f"rows-{rows}", rows, args.model, train=not args.no_train,
+                                preprocess=not args.train_only))
         print(json.dumps(results[-1]), flush=True)
     gib = 1 << 30
     print(f"\n{'rows':>10} {'tokens':>12} {'prep s':>8} {'prep peak':>10} {'train s':>8} {'train peak':>11}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli, train_ok
+from conftest import assert_close_final_adapters, logged, run_cli, train_ok
 
 pytest.importorskip("bitsandbytes")
 
@@ -35,21 +35,40 @@ def test_qlora_trains_on_cpu_and_its_adapter_loads_and_merges(make_config, tiny_
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
 
 
-def test_fsdp_with_a_4bit_base_validates_and_stores_packed_weights_in_the_compute_dtype(make_config):
+def test_fsdp_with_a_4bit_base_stores_packed_weights_in_the_compute_dtype(make_config):
     import torch
 
+    from axlora.config.fsdp import fsdp_settings
     from axlora.config.load import load_config
-    from axlora.core.errors import UserError
     from axlora.model.load import bitsandbytes_config
-    from axlora.model.machine import require_machine_support
 
     config = load_config(make_config(adapter="qlora", fsdp=["full_shard", "auto_wrap"], num_processes=2,
-                                     fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}),
+                                     fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                                                  "cpu_ram_efficient_loading": True}),
                          log=lambda _n: None)
     assert bitsandbytes_config(config, 4, torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match=r"fsdp / load_in_4bit: FSDP with a 4-bit base \(FSDP-QLoRA\) needs CUDA"):
-            require_machine_support(config)
+    settings = fsdp_settings(config)  # the quantized layers are made while loading: every process loads
+    assert not settings.load_on_main_only
+    assert any("every process reads and quantizes the weights itself" in note for note in settings.notes)
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_on_two_processes_trains_what_one_process_does(make_config, tiny_64, tmp_path):
+    """FSDP-QLoRA over gloo: the packed 4-bit weights are sharded like any weight, the adapter stays whole."""
+    import json
+
+    common = {"base_model": str(tiny_64), "adapter": "qlora", "optimizer": "sgd", "learning_rate": 0.05,
+              "max_steps": 3}
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    result = train_ok(make_config(
+        "fsdp.yml", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "fsdp"),
+        fsdp_config={"fsdp_version": 2, "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",
+                     "cpu_ram_efficient_loading": True}, **common))
+    assert "every process reads and quantizes the weights itself" in result.stdout
+    figures = json.loads((tmp_path / "fsdp" / "final" / "train_summary.json").read_text())["fsdp"]
+    assert 0.45 < figures["sharded_parameters_on_this_rank"] / figures["sharded_parameters"] < 0.55
+    assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+    assert_close_final_adapters(tmp_path / "fsdp", tmp_path / "one", rtol=1e-4, atol=1e-6)
 
 
 def test_an_evaluation_leaves_the_4bit_layers_trainable(make_config, tiny_64):

@@ -36,6 +36,8 @@ EXPECTED = {
     "<start_of_turn>user\n2+2<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n",
     "gemma4": "<s><|turn>system\nYou add.<turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n3<turn|>\n"
     "<|turn>user\n2+2<turn|>\n<|turn>model\n4<turn|>\n",
+    "gemma4_unified": "<s><|turn>system\nYou add.<turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n3<turn|>\n"
+    "<|turn>user\n2+2<turn|>\n<|turn>model\n4<turn|>\n",
     "cohere": "<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>You add.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
     "<|USER_TOKEN|>1+2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>3<|END_OF_TURN_TOKEN|>"
     "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>2+2<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>4"
@@ -141,6 +143,29 @@ def test_qwen3_keeps_reasoning_of_the_last_answer_and_honours_enable_thinking(to
     prompt = tokenizer.apply_chat_template(messages[:1], chat_template=BUILTIN_TEMPLATES["qwen3"], tokenize=False,
                                            add_generation_prompt=True, enable_thinking=False)
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_gemma4_unified_joins_assistant_messages_and_drops_their_thinking(tokenizer):
+    """Axolotl's gemma4_unified: a developer message as text parts, consecutive assistant messages in one model
+    turn, thinking channels left out of the answers, and Gemma 4's thought channel on an open model turn."""
+    messages = [{"role": "developer", "content": [{"type": "text", "text": " Be brief. "},
+                                                  {"type": "text", "text": "Add."}]},
+                {"role": "user", "content": "1+2"},
+                {"role": "assistant", "content": "<|channel>thought\nsmall sum<channel|>3"},
+                {"role": "assistant", "content": " Done. "},
+                {"role": "user", "content": "2+2"}]
+    template = BUILTIN_TEMPLATES["gemma4_unified"]
+    assert tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True) == (
+        "<s><|turn>system\nBe brief. Add. <turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n3<turn|>\nDone.<turn|>\n"
+        "<|turn>user\n2+2<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    )
+    assert tokenizer.apply_chat_template(messages[1:2], chat_template=template, tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=True) == (
+        "<s><|turn>system\n<|think|>\n<turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n"
+    )
+    with pytest.raises(Exception, match="gemma4_unified: the built-in template has no tool calls"):
+        render(tokenizer, "gemma4_unified", WITH_TOOLS, TOOLS)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -11,6 +11,7 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from axlora.data.collate import (
     model_inputs,
     varlen_kwargs,
 )
-from axlora.data.pack import PackingStats, pack_examples, pack_sequences
+from axlora.data.pack import PackingStats, pack_examples, pack_offsets, pack_sequences
 
 VOCAB = 128
 
@@ -104,6 +105,53 @@ def test_packing_scales_to_large_datasets() -> None:
     bins = pack_sequences(lengths, 4096)
     assert time.perf_counter() - start < 10  # ~0.5 s here; an O(n^2) packer would take minutes
     assert sum(len(b) for b in bins) == len(lengths)
+
+
+def best_fit_on_lists(lengths: list[int], capacity: int) -> list[list[int]]:
+    """The packer as it was first written, one sample at a time over Python lists: the reference the flat-array
+    packer must reproduce exactly (the rows, their order and the samples in each)."""
+    from bisect import bisect_left, insort
+
+    rows: list[list[int]] = []
+    rows_by_room: dict[int, list[int]] = {}
+    rooms: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties in dataset order
+        size = lengths[index]
+        k = bisect_left(rooms, size)
+        if k == len(rooms):
+            row, room = len(rows), capacity
+            rows.append([])
+        else:
+            room = rooms[k]
+            row = rows_by_room[room].pop()
+            if not rows_by_room[room]:
+                del rows_by_room[room], rooms[k]
+        rows[row].append(index)
+        if room - size > 0:
+            if room - size not in rows_by_room:
+                insort(rooms, room - size)
+            rows_by_room.setdefault(room - size, []).append(row)
+    return [sorted(row) for row in rows]
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 7, 64, 512, 4096])
+def test_flat_array_packing_is_the_list_packing_exactly(capacity: int) -> None:
+    rng = random.Random(capacity)
+    for trial in range(60):
+        # Few distinct sizes (long runs of equal samples placed as one slice) as well as many.
+        top = rng.choice([capacity, max(1, capacity // 2), max(1, capacity // 3), max(1, capacity // 10)])
+        choices = rng.sample(range(1, top + 1), min(top, rng.choice([2, 5, top])))
+        lengths = [rng.choice(choices) for _ in range(rng.randint(0, 500))]
+        expected = best_fit_on_lists(lengths, capacity)
+        assert pack_sequences(lengths, capacity) == expected, (capacity, trial)
+        members, bounds = pack_offsets(np.asarray(lengths, dtype=np.int64), capacity)
+        assert members.dtype == bounds.dtype == np.int32
+        assert [members[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)] == expected
+
+
+def test_flat_array_packing_on_lognormal_lengths() -> None:
+    lengths = [min(512, n) for n in lognormal_lengths(20_000, seed=3, median=120)]
+    assert pack_sequences(lengths, 512) == best_fit_on_lists(lengths, 512)
 
 
 # --- packed rows and boundary labels ---------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from axlora.config.chat_templates import BUILTIN_TEMPLATES
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.data.preference_demo import addition_judgements, addition_pairs, alpaca_addition_pairs
@@ -22,8 +23,9 @@ def tokenizer(tiny_model_dir):
 def config_for(tmp_path, rows, kind, rl="dpo", **keys) -> Config:
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return Config(base_model="axlora:tiny-llama", lora_target_linear=True, max_steps=1, rl=rl, sequence_len=128,
-                  datasets=[{"path": str(path), "type": kind, **keys.pop("dataset", {})}], **keys)
+    dataset = keys.pop("dataset", {})
+    return Config(base_model="axlora:tiny-llama", lora_target_linear=True, max_steps=1, rl=rl,
+                  datasets=[{"path": str(path), "type": kind, **dataset}], **{"sequence_len": 128, **keys})
 
 
 def decoded(tokenizer, row, key):
@@ -61,6 +63,28 @@ def test_axolotl_pair_types(tmp_path, tokenizer, kind, row):
         assert prompt.startswith("<|im_start|>system\nBe brief.")
     if kind == "user_defined.default":
         assert decoded(tokenizer, out, "chosen_ids") == "yes</s>"
+
+
+def test_orpo_argilla_conversations(tmp_path, tokenizer):
+    """chat_template.argilla (Axolotl's ORPO type): the prompt is the chosen conversation up to its last answer."""
+    turns = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."},
+             {"role": "user", "content": "Q2?"}]
+    row = {"system": "Be brief.", "prompt": "Q2?", "chosen": [*turns, {"role": "assistant", "content": "yes"}],
+           "rejected": [*turns, {"role": "assistant", "content": "no"}]}
+    [out] = prepare_preferences(config_for(tmp_path, [row], "chat_template.argilla", rl="orpo", sequence_len=512),
+                                tokenizer, log=lambda line: None).train
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, *turns],
+                                             chat_template=BUILTIN_TEMPLATES["chatml"], add_generation_prompt=True,
+                                             tokenize=False)
+    assert decoded(tokenizer, out, "prompt_ids") == expected
+    assert decoded(tokenizer, out, "chosen_ids") == "yes<|im_end|>\n"
+    assert decoded(tokenizer, out, "rejected_ids") == "no<|im_end|>\n"
+    odd = {**row, "rejected": turns}
+    with pytest.raises(UserError, match="field 'rejected' must be a conversation"):
+        prepare_preferences(config_for(tmp_path, [odd], "chat_template.argilla", rl="orpo"), tokenizer,
+                            log=lambda line: None)
+    with pytest.raises(ValueError, match="type chat_template.argilla is not a dpo format"):
+        config_for(tmp_path, [row], "chat_template.argilla", rl="dpo")
 
 
 def test_kto_rows_keep_their_label_and_a_mismatched_completion(tmp_path, tokenizer):

@@ -138,3 +138,35 @@ def test_fsdp_continues_an_adapter_with_its_reference_and_resumes_exactly(make_c
     assert logged(full, "logps/chosen")[0] > -60  # the SFT adapter as the reference, not the base model
     assert_same_final_adapter(full, runs.resumed)
     assert logged(runs.resumed) == logged(full)[2:]
+
+
+def test_zero3_continues_an_adapter_with_its_reference_and_resumes_exactly(make_config, tmp_path, pairs_file):
+    """Under ZeRO-3 the reference pass runs once the engine has started (the weights load partitioned); a resumed
+    run's engine starts with the checkpoint's adapter and reads the reference log-probs its checkpoint saved."""
+    train_ok(make_config("sft.yml", output_dir=str(tmp_path / "sft"), max_steps=3))
+    settings = {"rl": "dpo", "lora_model_dir": str(tmp_path / "sft"), "lora_target_linear": None,
+                "datasets": [{"path": str(pairs_file), "type": "user_defined.default"}], "val_set_size": 4,
+                "eval_on_start": True, "save_steps": 2, "micro_batch_size": 2, "learning_rate": 5e-2,
+                "num_processes": 2, "deepspeed": "zero3"}
+    runs = resumed_against_uninterrupted(make_config, tmp_path, settings)
+    full = runs.full
+    assert abs(logged(full, "eval_loss")[0] - math.log(2)) < 1e-6 and abs(logged(full)[0] - math.log(2)) < 1e-6
+    assert logged(full, "logps/chosen")[0] > -60  # the SFT adapter as the reference, not the base model
+    assert logged(full, "rewards/margins")[-1] != 0  # the policy moved away from the reference
+    assert_same_final_adapter(full, runs.resumed)
+    assert logged(runs.resumed) == logged(full)[2:]
+    assert "reference: the adapter this round starts from, log-probs of 40 rows read from checkpoints/step-2" \
+        in runs.result.stdout
+
+
+def test_zero3_precomputes_the_base_reference_like_one_process(make_config, tmp_path, pairs_file):
+    """precompute_ref_log_probs on a fresh LoRA: the pass with the adapter disabled runs on the started engine."""
+    common = {"rl": "dpo", "precompute_ref_log_probs": True, "max_steps": 2, "learning_rate": 5e-2, "optimizer": "sgd",
+              "datasets": [{"path": str(pairs_file), "type": "user_defined.default"}]}
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    zero3 = train_ok(make_config("zero3.yml", micro_batch_size=2, num_processes=2, deepspeed="zero3",
+                                 output_dir=str(tmp_path / "zero3"), **common))
+    assert "reference: the base model (adapter disabled), log-probs of 40 rows computed before training" in zero3.stdout
+    assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "one"), abs=1e-5)
+    assert logged(tmp_path / "zero3", "rewards/margins")[-1] != 0
+    assert_close_final_adapters(tmp_path / "zero3", tmp_path / "one", rtol=1e-4, atol=1e-6)

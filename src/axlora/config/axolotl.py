@@ -112,6 +112,11 @@ NO_OP: dict[str, NoOp] = {
         "loss_watchdog_threshold", "loss_watchdog_patience",
     ),
     **_noop("axlora always logs tokens per second", "include_tokens_per_second", "include_tkps"),
+    **_noop(
+        "Axolotl's SwanLab completion table is filled only from trainer log entries (dpo/prompt, ...) that its "
+        "trainers never write, so it stays empty; axlora's SwanLab run gets the metrics and eval_table_size's table",
+        "swanlab_log_completions", "swanlab_completion_log_interval", "swanlab_completion_max_buffer",
+    ),
     **_noop("axlora always writes TensorBoard events to output_dir/logs/tensorboard", "use_tensorboard"),
     **_noop(
         "data-loading speed only; axlora's rows are tokenized in memory",
@@ -164,7 +169,8 @@ _SCHEDULE = ("learning-rate groups by module are not supported; loraplus_lr_rati
              "the LoRA B and embedding weights")
 _EVALS = ("benchmarks are not built in: axlora reports eval_loss and, with do_causal_lm_eval, scores of completed "
           "validation rows; run benchmarks (lm-eval) on the merged model")
-_TRACKERS = "only Weights & Biases (wandb_*) and MLflow (mlflow_*) are integrated; metrics are also in logs/metrics.jsonl"
+_TRACKERS = ("only Weights & Biases (wandb_*), MLflow (mlflow_*) and SwanLab (swanlab_*) are integrated; metrics are "
+             "also in logs/metrics.jsonl")
 
 REJECTED: dict[str, Rejected] = {
     **_rejected(
@@ -270,8 +276,7 @@ REJECTED: dict[str, Rejected] = {
         _TRACKERS,
         "use_comet", "comet_api_key", "comet_workspace", "comet_project_name", "comet_experiment_key", "comet_mode",
         "comet_online", "comet_experiment_config", "use_trackio", "trackio_project_name", "trackio_run_name",
-        "trackio_space_id", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "use_swanlab",
-        "swanlab_project", "swanlab_experiment_name", "swanlab_mode",
+        "trackio_space_id", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port",
     ),
     **_rejected(
         "PiSSA/OLoRA/LoftQ/EVA-style LoRA initialisation is not supported; axlora uses peft's default",
@@ -331,7 +336,7 @@ PLUGINS: dict[str, Plugin] = {
     "DiffusionPlugin": Plugin("diffusion language-model training", False),
     "LLMCompressorPlugin": Plugin("sparse fine-tuning with llm-compressor", False),
     "DenseMixerPlugin": Plugin("MoE router training with DenseMixer", False),
-    "SwanLabPlugin": Plugin("SwanLab experiment tracking (" + _TRACKERS + ")", False),
+    "SwanLabPlugin": Plugin("SwanLab experiment tracking", False, equivalent="swanlab_project / use_swanlab"),
 }
 """Axolotl plugins by class name (``axolotl.integrations.liger.LigerPlugin`` -> ``LigerPlugin``)."""
 

@@ -169,6 +169,36 @@ GEMMA4 = (
     "{%- if not thinking %}{{- '<|channel>thought\n<channel|>' }}{%- endif %}{%- endif %}"
 )
 
+_GEMMA4_VISIBLE = (  # a model message without its thinking channels (<|channel>...<channel|>), as Gemma 4 trains it
+    "{%- macro visible(text, model) %}{%- if model %}{%- set shown = namespace(text='') %}"
+    "{%- for part in text.split('<channel|>') %}{%- set shown.text = shown.text + part.split('<|channel>')[0] %}"
+    "{%- endfor %}{{- shown.text | trim }}{%- else %}{{- text | trim }}{%- endif %}{%- endmacro %}"
+)
+
+GEMMA4_UNIFIED = (  # Gemma 4 12B's format: consecutive assistant messages share one model turn
+    _GEMMA4_VISIBLE + "{{- bos_token }}"
+    "{%- set thinking = enable_thinking is defined and enable_thinking %}"
+    "{%- set has_system = messages[0].role in ['system', 'developer'] %}"
+    "{%- if thinking or has_system %}{{- '<|turn>system\n' + ('<|think|>\n' if thinking else '') }}"
+    "{%- if has_system and messages[0].content is string %}{{- messages[0].content | trim }}"
+    "{%- elif has_system %}{%- for part in messages[0].content %}{{- part.text | trim + ' ' }}{%- endfor %}{%- endif %}"
+    "{{- '<turn|>\n' }}{%- endif %}"
+    "{%- for m in (messages[1:] if has_system else messages) %}"
+    "{%- if m.role == 'tool' or m.tool_calls %}{{- raise_exception('gemma4_unified: the built-in template "
+    "has no tool calls; use chat_template: tokenizer_default') }}{%- endif %}"
+    "{%- set model = m.role == 'assistant' %}"
+    "{%- if not (model and loop.previtem is defined and loop.previtem.role == 'assistant') %}"
+    "{{- '<|turn>' + ('model' if model else m.role) + '\n' }}{%- endif %}"
+    "{%- if m.content is string %}{{- visible(m.content, model) }}"
+    "{%- else %}{%- for part in m.content %}{%- if part.type == 'text' %}{{- visible(part.text, model) }}"
+    "{%- elif part.type in ['image', 'audio', 'video'] %}{{- '<|' + part.type + '|>' }}{%- endif %}{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<turn|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|turn>model\n' }}"
+    "{%- if not thinking %}{{- '<|channel>thought\n<channel|>' }}{%- endif %}{%- endif %}"
+)
+
 COHERE = (
     "{{- bos_token }}"
     "{%- if messages[0].role == 'system' %}"
@@ -407,6 +437,7 @@ CATALOG: dict[str, tuple[str, str | None]] = {
     "gemma3": (GEMMA3, "<end_of_turn>"),
     "gemma3n": (GEMMA3, "<end_of_turn>"),
     "gemma4": (GEMMA4, "<turn|>"),
+    "gemma4_unified": (GEMMA4_UNIFIED, "<turn|>"),
     "cohere": (COHERE, "<|END_OF_TURN_TOKEN|>"),
     "deepseek_v2": (DEEPSEEK_V2, None),
     "deepseek_v3": (DEEPSEEK_V3, "<｜end▁of▁sentence｜>"),

@@ -49,10 +49,15 @@ def fsdp_settings(config: Config) -> FsdpSettings | None:
     if settings.final_state_dict_type not in (None, "FULL_STATE_DICT"):
         notes.append(f"fsdp_config.final_state_dict_type {settings.final_state_dict_type}: final/ holds the whole "
                      "adapter (FULL_STATE_DICT), which is what plain peft loads")
+    load_on_main_only = settings.cpu_ram_efficient_loading
+    if load_on_main_only and config.quantization_bits():
+        load_on_main_only = False  # the quantized layers and their scales are made while loading, by each process
+        notes.append("fsdp_config.cpu_ram_efficient_loading: with a quantized base every process reads and quantizes "
+                     "the weights itself (more CPU RAM while loading; the same training)")
     return FsdpSettings(
         reshard_after_forward=reshard,
         offload_params=settings.offload_params or "offload" in options,
         layer_classes=tuple(settings.transformer_layer_cls_to_wrap) if settings.transformer_layer_cls_to_wrap else None,
-        load_on_main_only=settings.cpu_ram_efficient_loading,
+        load_on_main_only=load_on_main_only,
         notes=tuple(notes),
     )

@@ -34,6 +34,9 @@ PAIR_TYPES: tuple[str, ...] = (
 )
 """Axolotl's preference types for chosen / rejected pairs (DPO, IPO, SimPO, ORPO)."""
 
+ORPO_TYPES: tuple[str, ...] = ("chat_template.argilla",)
+"""Pair types Axolotl has for ORPO only (its ``orpo`` strategies): whole chosen / rejected conversations."""
+
 KTO_TYPES: tuple[str, ...] = (
     "chatml.argilla", "chatml.argilla_chat", "chatml.intel", "chatml.prompt_pairs", "chatml.ultra",
     "llama3.argilla", "llama3.argilla_chat", "llama3.intel", "llama3.prompt_pairs", "llama3.ultra",
@@ -41,7 +44,7 @@ KTO_TYPES: tuple[str, ...] = (
 )
 """Axolotl's KTO types: a prompt, one completion and a desirable / undesirable label."""
 
-PREFERENCE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(PAIR_TYPES + KTO_TYPES))
+PREFERENCE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(PAIR_TYPES + ORPO_TYPES + KTO_TYPES))
 _PREFERENCE_PREFIXES = ("chat_template.", "chatml.", "llama3.", "user_defined.")
 
 
@@ -62,7 +65,7 @@ class PreferenceDatasetConfig(StrictModel):
     shards: int | None = Field(default=None, gt=0, description="Split the dataset into this many shards, keep one.")
     shards_idx: int | None = Field(default=None, ge=0, description="Which shard `shards` keeps (default 0).")
     chat_template: str | None = Field(
-        default=None, description="chat_template.default: the template to render with (default: the run's)."
+        default=None, description="chat_template.*: the template to render with (default: the run's)."
     )
     field_messages: str = Field(default="messages", description="chat_template.default: the prompt's message list.")
     field_chosen: str = Field(default="chosen", description="The chosen answer: text, a message or a message list.")
@@ -213,7 +216,7 @@ class PreferenceSettings(StrictModel):
                     problems.append(f"datasets: datasets[{index}] type {entry.type} holds preference rows; set rl "
                                     "(dpo, ipo, simpo, orpo, kto) or use a supervised type.")
             return problems
-        allowed = KTO_TYPES if self.rl == "kto" else PAIR_TYPES
+        allowed = KTO_TYPES if self.rl == "kto" else PAIR_TYPES + (ORPO_TYPES if self.rl == "orpo" else ())
         for index, entry in enumerate(self.datasets):
             if isinstance(entry, DatasetConfig):
                 problems.append(f"datasets: rl: {self.rl} trains on preference rows, datasets[{index}] (type "

@@ -126,9 +126,6 @@ class Config(
         if self.quantize_moe_experts and not self.quantization_bits():
             raise ValueError("quantize_moe_experts: quantizes the experts like the rest of a quantized base; set "
                              "load_in_4bit: true (or adapter: qlora) or load_in_8bit: true.")
-        if self.quantize_moe_experts and self.uses_fsdp():
-            raise ValueError("quantize_moe_experts / fsdp: FSDP does not shard the packed expert weights; train the "
-                             "quantized experts on one GPU per process without fsdp.")
         if self.llama4_linearized_experts and self.quantize_moe_experts:
             raise ValueError("llama4_linearized_experts / quantize_moe_experts: linearized experts are linear layers, "
                              "which load_in_4bit quantizes with the others; remove quantize_moe_experts.")

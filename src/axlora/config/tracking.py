@@ -1,16 +1,16 @@
-"""The tracking keys: experiment trackers (Weights & Biases, MLflow) and publishing to the Hugging Face Hub."""
+"""The tracking keys: experiment trackers (Weights & Biases, MLflow, SwanLab) and publishing to the Hugging Face Hub."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from axlora.config.base import StrictModel
 
 
 class LoggingSettings(StrictModel):
-    """Experiment trackers (Weights & Biases, MLflow): used only when asked for; axlora sends nothing itself."""
+    """Experiment trackers (Weights & Biases, MLflow, SwanLab): used only when asked for; axlora sends nothing itself."""
 
     use_wandb: bool | None = Field(default=None, description="Log to Weights & Biases (default: when wandb_project is set).")
     wandb_project: str | None = Field(default=None, description="W&B project; setting it turns W&B logging on.")
@@ -36,11 +36,38 @@ class LoggingSettings(StrictModel):
     hf_mlflow_log_artifacts: bool = Field(
         default=False, description="Upload the final adapter to MLflow as run artifacts."
     )
+    use_swanlab: bool | None = Field(
+        default=None, description="Log to SwanLab (default: when swanlab_project is set); needs swanlab_project."
+    )
+    swanlab_project: str | None = Field(
+        default=None, min_length=1, description="SwanLab project; setting it turns SwanLab logging on."
+    )
+    swanlab_experiment_name: str | None = Field(default=None, description="SwanLab experiment (run) name.")
+    swanlab_description: str | None = Field(default=None, description="SwanLab experiment description.")
+    swanlab_mode: Literal["cloud", "local", "offline", "disabled"] | None = Field(
+        default=None, description="cloud (sync to SwanLab; needs SWANLAB_API_KEY or `swanlab login`), local (files "
+        "for `swanlab watch`), offline (files to upload later with `swanlab sync`), or disabled. Files go to "
+        "output_dir/swanlog unless SWANLAB_LOG_DIR names a directory. Default: SwanLab's own (SWANLAB_MODE, else cloud).",
+    )
 
     def wandb_enabled(self) -> bool:
         if self.use_wandb is not None:
             return self.use_wandb and self.wandb_mode != "disabled"
         return bool(self.wandb_project) and self.wandb_mode != "disabled"
+
+    def swanlab_enabled(self) -> bool:
+        if self.swanlab_mode == "disabled":
+            return False
+        if self.use_swanlab is not None:
+            return self.use_swanlab
+        return bool(self.swanlab_project)
+
+    @model_validator(mode="after")
+    def _swanlab_needs_a_project(self) -> LoggingSettings:
+        if self.use_swanlab and not self.swanlab_project:
+            raise ValueError("use_swanlab / swanlab_project: SwanLab logging needs a project: set swanlab_project "
+                             "(or use_swanlab: false).")
+        return self
 
     def mlflow_enabled(self) -> bool:
         if self.use_mlflow is not None:

@@ -41,103 +41,145 @@ Worked example (``capacity = 10``)::
 Bin packing is best-fit decreasing: samples are taken longest first and each goes into the open
 row with the least room that still fits it (a new row if none does). It has the same asymptotic
 guarantee as first-fit decreasing (about 11/9 of the optimal number of rows) and in practice packs
-at least as tightly. Its
-lookup is cheap: rows are bucketed by their remaining room, and the distinct room values (at most
-``capacity`` of them) sit in a sorted list searched with :func:`bisect.bisect_left`, so a million
-samples pack in a few seconds of pure Python.
+at least as tightly. Its lookup is cheap: open rows are stacked by their remaining room, and the
+distinct room values (at most ``capacity`` of them) sit in a sorted list searched with
+:func:`bisect.bisect_left`. Memory is a few bytes a sample, all in flat arrays: a run of equal samples
+that the rows they go to cannot take twice is placed in one slice, and the result is each row's
+sample indices as one array plus the rows' offsets into it (:func:`pack_offsets`), never a Python
+list per row.
 """
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from axlora.core.names import IGNORE_INDEX
 
-"""Label value that the cross-entropy loss ignores (``torch.nn.CrossEntropyLoss`` default)."""
 
-
-def _validated_sizes(lengths: Sequence[int], capacity: int) -> list[int]:
-    """Plain ``int`` sizes, rejecting what cannot be packed (so a bad sample is named, not silently dropped)."""
+def _validated_sizes(lengths: Sequence[int] | np.ndarray, capacity: int) -> np.ndarray:
+    """Sizes as an int64 array, rejecting what cannot be packed (so a bad sample is named, not silently dropped)."""
     if capacity < 1:
         raise ValueError(f"packing capacity must be at least 1 token, got {capacity}")
-    sizes = [int(n) for n in lengths]
-    for index, size in enumerate(sizes):
+    sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((sizes < 1) | (sizes > capacity))
+    if len(bad):
+        index = int(bad[0])
+        size = int(sizes[index])
         if size < 1:
             raise ValueError(f"sample {index} is empty; remove empty samples before packing")
-        if size > capacity:
-            raise ValueError(
-                f"sample {index} has {size} tokens, more than the packing capacity of {capacity}; "
-                "truncate or drop it before packing"
-            )
+        raise ValueError(
+            f"sample {index} has {size} tokens, more than the packing capacity of {capacity}; "
+            "truncate or drop it before packing"
+        )
     return sizes
 
 
-def _longest_first(sizes: list[int]) -> list[int]:
-    """Sample indices by decreasing length; ties keep dataset order (a stable sort) for determinism."""
-    import numpy as np
-
-    return np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable").tolist()
+def index_dtype(count: int) -> np.dtype:
+    """The dtype of indices into ``count`` items: int32 (4 bytes each) while they fit, else int64."""
+    return np.dtype(np.int32 if count < 2**31 else np.int64)
 
 
-class _RoomIndex:
-    """Open rows grouped by remaining room, with the distinct room values kept sorted for bisection."""
+class _BestFit:
+    """Open rows stacked by remaining room (last opened on top), the distinct rooms kept sorted for bisection.
 
-    def __init__(self) -> None:
-        self._rows_by_room: dict[int, list[int]] = {}
+    ``place`` assigns rows to a run of samples of one size exactly as placing them one at a time would.
+    """
+
+    def __init__(self, capacity: int, typecode: str) -> None:
+        self.capacity = capacity
+        self.rows = 0
+        self._typecode = typecode
+        self._stacks: dict[int, array] = {}
         self._rooms: list[int] = []
 
-    def take_tightest(self, size: int) -> tuple[int, int] | None:
-        """Remove and return ``(row, room)`` for a row with the least room >= ``size``, or None if none fits."""
-        k = bisect_left(self._rooms, size)
-        if k == len(self._rooms):
-            return None
-        room = self._rooms[k]
-        rows = self._rows_by_room[room]
-        row = rows.pop()
-        if not rows:
-            del self._rows_by_room[room]
-            del self._rooms[k]
-        return row, room
+    def place(self, size: int, count: int, assigned: array) -> None:
+        """Append to ``assigned`` the rows that ``count`` samples of ``size`` tokens go to, in order.
 
-    def put(self, row: int, room: int) -> None:
-        """Register ``row`` as having ``room`` free tokens. Full rows are not tracked: nothing fits them."""
+        When the tightest room that fits cannot take a second sample of this size, the run's samples take that
+        stack's rows top first (or new rows, when no room fits), one each: the room they leave is less than
+        ``size``, so a search per sample would find the same stack again. Otherwise one sample is placed and the
+        search redone.
+        """
+        while count:
+            k = bisect_left(self._rooms, size)
+            room = self.capacity if k == len(self._rooms) else self._rooms[k]
+            taken = count if room - size < size else 1
+            if k == len(self._rooms):
+                rows = array(self._typecode, range(self.rows, self.rows + taken))
+                self.rows += taken
+            else:
+                stack = self._stacks[room]
+                taken = min(taken, len(stack))
+                rows = stack[len(stack) - taken :]
+                del stack[len(stack) - taken :]
+                rows.reverse()  # popped one at a time, the top of the stack comes first
+                if not stack:
+                    del self._stacks[room], self._rooms[k]
+            assigned.extend(rows)
+            self._put(rows, room - size)
+            count -= taken
+
+    def _put(self, rows: array, room: int) -> None:
+        """Stack ``rows`` (in order) as having ``room`` free tokens. Full rows are not tracked: nothing fits them."""
         if room <= 0:
             return
-        rows = self._rows_by_room.get(room)
-        if rows is None:
-            self._rows_by_room[room] = [row]
+        stack = self._stacks.get(room)
+        if stack is None:
+            self._stacks[room] = array(self._typecode, rows)
             insort(self._rooms, room)
         else:
-            rows.append(row)
+            stack.extend(rows)
 
 
-def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Group sample indices into rows holding at most ``capacity`` tokens each (best-fit decreasing).
+def pack_offsets(lengths: Sequence[int] | np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing over sample ``lengths`` as flat arrays: ``(members, bounds)``.
 
-    Every index of ``lengths`` appears in exactly one row; within a row indices are ascending (dataset
-    order). The result depends only on ``lengths`` and ``capacity``. Rows come out roughly longest
-    samples first, so shuffle the rows (not the samples) when training.
+    Row ``r`` holds the samples ``members[bounds[r]:bounds[r + 1]]``, ascending (dataset order); ``bounds`` has
+    one more entry than there are rows. Both are int32 while the sample count allows. Ties in length are taken
+    in dataset order, so the result depends only on ``lengths`` and ``capacity``.
 
     Raises:
         ValueError: if ``capacity < 1``, a sample is empty, or a sample is longer than ``capacity``.
     """
     sizes = _validated_sizes(lengths, capacity)
-    rows: list[list[int]] = []
-    open_rows = _RoomIndex()
-    for index in _longest_first(sizes):
-        size = sizes[index]
-        found = open_rows.take_tightest(size)
-        if found is None:
-            row, room = len(rows), capacity
-            rows.append([])
-        else:
-            row, room = found
-        rows[row].append(index)
-        open_rows.put(row, room - size)
-    return [sorted(row) for row in rows]
+    dtype = index_dtype(len(sizes) + 1)
+    room_left = (capacity - sizes).astype(np.uint16 if capacity < 2**16 else np.int64)  # a narrow key sorts fast
+    longest_first = np.argsort(room_left, kind="stable").astype(dtype)  # ties in dataset order
+    del room_left
+    counts = np.bincount(sizes)  # samples of each size: at most ``capacity`` + 1 numbers
+    packer = _BestFit(capacity, dtype.char)  # an ``array`` typecode of the same C type
+    assigned = array(dtype.char)
+    for size in np.flatnonzero(counts)[::-1].tolist():  # each run of equal sizes, longest first
+        packer.place(size, int(counts[size]), assigned)
+    row_of = np.empty(len(sizes), dtype=dtype)
+    row_of[longest_first] = np.frombuffer(assigned, dtype=dtype, count=len(assigned))
+    del longest_first, assigned
+    members = np.argsort(row_of, kind="stable").astype(dtype)  # by row, and within a row by sample index
+    bounds = np.zeros(packer.rows + 1, dtype=dtype)
+    np.cumsum(np.bincount(row_of, minlength=packer.rows), out=bounds[1:])
+    return members, bounds
+
+
+def pack_sequences(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
+    """Group sample indices into rows holding at most ``capacity`` tokens each (best-fit decreasing).
+
+    Every index of ``lengths`` appears in exactly one row; within a row indices are ascending (dataset
+    order). The result depends only on ``lengths`` and ``capacity``. Rows come out roughly longest
+    samples first, so shuffle the rows (not the samples) when training. :func:`pack_offsets` gives the
+    same packing as two flat arrays (what large datasets should use).
+
+    Raises:
+        ValueError: if ``capacity < 1``, a sample is empty, or a sample is longer than ``capacity``.
+    """
+    members, bounds = pack_offsets(lengths, capacity)
+    edges = bounds.tolist()
+    return [members[a:b].tolist() for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -228,20 +270,16 @@ def pack_examples(
 class PackedRows(Sequence):
     """The rows :func:`pack_examples` would return, built one at a time when read.
 
-    Only the packing itself is kept: each row's sample indices, as two flat integer arrays (a few bytes per
-    sample). ``rows[i]`` reads its samples from ``samples`` (the memory-mapped prepared rows), so a training
+    Only the packing itself is kept: :func:`pack_offsets`'s two flat integer arrays (4 bytes a sample and 4 a
+    row). ``rows[i]`` reads its samples from ``samples`` (the memory-mapped prepared rows), so a training
     process holds the batch it trains on, not every packed row.
     """
 
     def __init__(self, samples, capacity: int):
-        import numpy as np
-
         lengths = samples.lengths
-        bins = pack_sequences(lengths.tolist(), capacity)
         self.samples = samples
         self.capacity = capacity
-        self.members = np.fromiter((i for row in bins for i in row), dtype=np.int64, count=len(lengths))
-        self.bounds = np.concatenate([[0], np.cumsum([len(row) for row in bins], dtype=np.int64)])
+        self.members, self.bounds = pack_offsets(lengths, capacity)
         self.tokens = int(lengths.sum())
         """Real (non-pad) tokens over all rows."""
 
@@ -253,7 +291,8 @@ class PackedRows(Sequence):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(index)
-        return _build_row(self.samples, self.members[self.bounds[index]:self.bounds[index + 1]].tolist())
+        start, end = self.bounds[index : index + 2].tolist()
+        return _build_row(self.samples, self.members[start:end].tolist())
 
     def __iter__(self):
         for index in range(len(self)):

@@ -10,7 +10,11 @@ render with (``PreferenceDatasetConfig.template_setting``), so both read the sam
 * ``*.prompt_pairs``: ``system`` (optional), ``prompt``, ``chosen``, ``rejected``;
 * ``chat_template.default``: the prompt's messages in ``field_messages``, each answer in ``field_chosen`` /
   ``field_rejected`` as text, a message or a message list (its last message is the answer);
-* ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``.
+* ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``;
+* ``chat_template.argilla`` (ORPO, rendered with the run's template): ``chosen`` and ``rejected`` are whole
+  conversations (user, assistant, user, ...) whose last messages are the answers; the prompt is the chosen
+  conversation before its last answer, after ``system`` (optional), with ``prompt`` (when given) as its last user
+  message, as Argilla's UltraFeedback sets write it.
 
 KTO rows (Axolotl's ``kto`` strategies) hold ``completion`` and ``label`` (true: desirable) after a prompt read
 as above: ``*.argilla`` (``system``, ``instruction``), ``*.intel`` (``system``, ``question``), ``*.prompt_pairs``
@@ -105,9 +109,33 @@ def _messages(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]],
     return read
 
 
+def _conversation(row: Mapping[str, Any], field: str) -> list[Mapping[str, Any]]:
+    """An argilla conversation: user and assistant messages in turn, ending with the assistant's answer."""
+    value = row.get(field)
+    if not isinstance(value, list) or not value or len(value) % 2 or not all(isinstance(m, Mapping) for m in value):
+        raise RowFormatError(field, f"field '{field}' must be a conversation: user and assistant messages in turn, "
+                                    "ending with the assistant's answer")
+    return value
+
+
+def _argilla_conversations(row: Mapping[str, Any]) -> PreferenceExample:
+    chosen, rejected = _conversation(row, "chosen"), _conversation(row, "rejected")
+    prompt = [{"role": "user" if index % 2 == 0 else "assistant",
+               "content": content_text(message.get("content"), f"chosen[{index}].content")}
+              for index, message in enumerate(chosen[:-1])]
+    if row.get("prompt") is not None:
+        prompt[-1]["content"] = content_text(row["prompt"], "prompt")
+    system = row.get("system")
+    if isinstance(system, str) and system:
+        prompt.insert(0, {"role": "system", "content": system})
+    return PreferenceExample(prompt, _answer(chosen, "chosen"), _answer(rejected, "rejected"))
+
+
 def pair_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], PreferenceExample]:
     """The reader of a chosen / rejected pair for the dataset's type."""
     kind = dataset.type.split(".", 1)[1]
+    if dataset.type == "chat_template.argilla":
+        return _argilla_conversations
     if dataset.type == "chat_template.default":
         prompt = _messages(dataset)
         content_key = (dataset.message_property_mappings or {}).get("content", "content")

@@ -8,7 +8,9 @@ it runs on the dequantized weights. The model code runs unchanged, and reading o
 experts' loop does) dequantizes that expert only. Because the parameter keeps its name and place, peft's
 ``target_parameters`` (``lora_target_parameters``) wraps it as it wraps a full-precision stack: its LoRA proxy adds
 the expert delta to the dequantized weights on every forward, and the adapter it saves is the one a plain model
-takes. Imported only when the key is set: it needs torch and bitsandbytes.
+takes. Under FSDP the packed bytes move into a flat frozen parameter of the compute dtype beside the stack, which
+FSDP shards and gathers like any weight, and the stack reads its bytes from there (``store_experts_flat``).
+Imported only when the key is set: it needs torch and bitsandbytes.
 """
 
 from __future__ import annotations
@@ -27,19 +29,40 @@ _SHARE = {_ATEN.detach.default, _ATEN.alias.default, _ATEN.clone.default}
 """Operations whose result is the same frozen weights: a new handle on the same packed experts."""
 
 
+class FlatBytes:
+    """Packed expert bytes kept in a flat frozen parameter of a float dtype: FSDP-QLoRA's quantized storage
+    (bitsandbytes' ``bnb_4bit_quant_storage``). ``fully_shard`` shards and gathers a flat float parameter like any
+    weight, while a tensor subclass in its place would come back from sharding as plain dense weights. The bytes are
+    read from the module on each use, so they are the ones FSDP gathered for the forward running now."""
+
+    def __init__(self, module: torch.nn.Module, name: str, packed: torch.Tensor, device):
+        self.module, self.name, self.device = module, name, torch.device(device)
+        self.dtype, self.shape = packed.dtype, packed.shape
+        self.nbytes = packed.numel() * packed.element_size()
+
+    def read(self) -> torch.Tensor:
+        flat = getattr(self.module, self.name)
+        return flat.view(torch.uint8)[:self.nbytes].view(self.dtype).view(self.shape)
+
+
 class PackedExperts(torch.Tensor):
     """A frozen expert stack ``(experts, ...)`` held quantized: ``bits`` 4 (NF4, one bitsandbytes quantization state
     per expert) or 8 (int8 with one scale per row, ``states`` being experts x rows)."""
 
     @staticmethod
-    def __new__(cls, packed: torch.Tensor, states, shape: torch.Size, dtype: torch.dtype, bits: int):
+    def __new__(cls, packed: torch.Tensor | FlatBytes, states, shape: torch.Size, dtype: torch.dtype, bits: int):
         tensor = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device,
                                                      requires_grad=False)
-        tensor.packed, tensor.states, tensor.bits = packed, states, bits
+        tensor.source, tensor.states, tensor.bits = packed, states, bits
         return tensor
 
     def __init__(self, packed, states, shape, dtype, bits):  # the fields are set in __new__
         super().__init__()
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The quantized bytes, as bitsandbytes wrote them (read from the flat storage when FSDP holds them)."""
+        return self.source.read() if isinstance(self.source, FlatBytes) else self.source
 
     @classmethod
     def pack(cls, weight: torch.Tensor, bits: int) -> PackedExperts:
@@ -77,14 +100,19 @@ class PackedExperts(torch.Tensor):
     def _moved(self, device=None, dtype=None) -> PackedExperts:
         """The same weights read in another dtype or kept on another device (the packed bytes do not change)."""
         if device is None or torch.device(device) == self.device:
-            return PackedExperts(self.packed, self.states, self.shape, dtype or self.dtype, self.bits)
+            return PackedExperts(self.source, self.states, self.shape, dtype or self.dtype, self.bits)
+        if isinstance(self.source, FlatBytes):
+            raise RuntimeError("the packed expert weights are sharded by FSDP, which places them; they do not move")
+        return PackedExperts(self.packed.to(device), self.states_on(device), self.shape, dtype or self.dtype, self.bits)
+
+    def states_on(self, device):
+        """The quantization states, on ``device``."""
         if self.bits == 8:
-            states = self.states.to(device)
-        else:
-            states = [copy.deepcopy(state) for state in self.states]
-            for state in states:
-                state.to(device)  # moves its tensors in place
-        return PackedExperts(self.packed.to(device), states, self.shape, dtype or self.dtype, self.bits)
+            return self.states.to(device)
+        states = [copy.deepcopy(state) for state in self.states]
+        for state in states:
+            state.to(device)  # moves its tensors in place
+        return states
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"PackedExperts(shape={tuple(self.shape)}, dtype={self.dtype}, {'int8' if self.bits == 8 else 'nf4'})"
@@ -110,7 +138,7 @@ class PackedExperts(torch.Tensor):
 
 
 def _same_weights(tensor, source) -> bool:
-    return isinstance(source, PackedExperts) and source.packed is tensor.packed and source.dtype == tensor.dtype
+    return isinstance(source, PackedExperts) and source.source is tensor.source and source.dtype == tensor.dtype
 
 
 def quantize_moe_experts(model, bits: int, log: Callable[[str], None]) -> None:
@@ -148,3 +176,34 @@ def keep_packed_experts_local(model) -> None:
     into, so DDP is told to leave them alone (``_ddp_params_and_buffers_to_ignore``, read when it wraps the model)."""
     model._ddp_params_and_buffers_to_ignore = [name for name, weight in model.named_parameters()
                                                if isinstance(weight, PackedExperts)]
+
+
+
+def flat_bytes(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of ``packed`` as a 1-D tensor of ``dtype``, zero-padded to a whole number of its elements."""
+    raw = packed.contiguous().view(torch.uint8).reshape(-1)
+    size = torch.empty((), dtype=dtype).element_size()
+    padded = torch.zeros(-(-raw.numel() // size) * size, dtype=torch.uint8, device=raw.device)
+    padded[:raw.numel()] = raw
+    return padded.view(dtype)
+
+
+def store_experts_flat(model, device) -> list[torch.nn.Parameter]:
+    """Move the bytes of every packed expert stack into FSDP-QLoRA's storage: a flat frozen parameter of the stack's
+    compute dtype beside it (``<name>_packed``), which ``fully_shard`` shards with the layer. The stack itself stays
+    the parameter peft's ``target_parameters`` wraps, reading its bytes from that storage; its quantization states
+    (a few bytes per block of weights, the same on every rank) stay whole, on ``device``. Returns the stacks, which
+    FSDP must leave alone: they hold no bytes of their own."""
+    stacks = []
+    for module in model.modules():
+        for name, weight in list(module.named_parameters(recurse=False)):
+            if not isinstance(weight, PackedExperts) or isinstance(weight.source, FlatBytes):
+                continue
+            storage = f"{name}_packed"
+            module.register_parameter(storage, torch.nn.Parameter(flat_bytes(weight.packed, weight.dtype),
+                                                                  requires_grad=False))
+            source = FlatBytes(module, storage, weight.packed, device)
+            experts = PackedExperts(source, weight.states_on(device), weight.shape, weight.dtype, weight.bits)
+            setattr(module, name, torch.nn.Parameter(experts, requires_grad=False))
+            stacks.append(getattr(module, name))
+    return stacks

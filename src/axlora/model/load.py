@@ -11,11 +11,7 @@ from collections.abc import Callable
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
 from axlora.model.kernels import apply_kernels, hub_kernels_kwargs
-from axlora.model.machine import (
-    require_attention_support,
-    require_quantization_support,
-    require_sharded_quantization_support,
-)
+from axlora.model.machine import require_attention_support, require_quantization_support
 from axlora.model.multimodal import train_text_only
 from axlora.model.source import resolve_base_model, transformers_class
 from axlora.model.tokenizer import load_tokenizer
@@ -139,7 +135,6 @@ def model_load_kwargs(config: Config, dtype, source: str, log: Callable[[str], N
     bits = config.quantization_bits()
     if bits:
         require_quantization_support(config, bits)
-        require_sharded_quantization_support(config)
         kwargs["quantization_config"] = bitsandbytes_config(config, bits, dtype)
         if not _zero3_partitions_weights():  # ZeRO-3 places (and partitions) the weights itself
             kwargs["device_map"] = {"": _quantized_device()}

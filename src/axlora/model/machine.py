@@ -52,16 +52,6 @@ def require_machine_support(config: Config) -> None:
     bits = config.quantization_bits()
     if bits:
         require_quantization_support(config, bits)
-    require_sharded_quantization_support(config)
-
-
-def require_sharded_quantization_support(config: Config) -> None:
-    """FSDP-QLoRA shards bitsandbytes' packed weights with FSDP on CUDA GPUs; on CPUs it is not available."""
-    import torch
-
-    if config.uses_fsdp() and config.quantization_bits() and not torch.cuda.is_available():
-        raise UserError("fsdp / load_in_4bit: FSDP with a 4-bit base (FSDP-QLoRA) needs CUDA GPUs, and none is "
-                        "visible. Here, train QLoRA without fsdp (one process), or the full-precision base with fsdp.")
 
 
 def _attention_key(config: Config) -> str:

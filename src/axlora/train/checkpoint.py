@@ -27,6 +27,7 @@ from axlora.train.divergence import require_finite
 from axlora.train.parallel import check_complete
 
 BEST_ADAPTER = "best_adapter.safetensors"
+REFERENCE_LOGPS = "reference_logps.safetensors"
 
 
 @dataclass
@@ -144,6 +145,7 @@ def save_checkpoint(
     extra_state: dict[str, Any],
     save_total_limit: int | None,
     best_adapter: dict | None = None,
+    reference_logps: dict | None = None,
 ) -> Path:
     """Write ``checkpoints/step-N`` atomically, then prune the oldest beyond ``save_total_limit``.
 
@@ -152,7 +154,8 @@ def save_checkpoint(
     and publishes everything with one rename, so a checkpoint is whole for all ranks or absent. (On
     several machines ``output_dir`` must therefore be on a shared filesystem.) ``best_adapter`` (the
     weights of the best evaluation so far, for early stopping) travels with the checkpoint so a resumed run
-    still ends with the best adapter, even one from before the interruption.
+    still ends with the best adapter, even one from before the interruption. ``reference_logps`` (preference
+    rows' reference log-probs, where a resumed run cannot compute them again) travel with it the same way.
     """
     import torch
     from safetensors.torch import save_file
@@ -180,6 +183,8 @@ def save_checkpoint(
                         (staging / f"rank-{rank}.pt").rename(tmp / f"rank-{rank}.pt")
                 if best_adapter is not None:
                     save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(tmp / BEST_ADAPTER))
+                if reference_logps is not None:
+                    save_file(reference_logps, str(tmp / REFERENCE_LOGPS))
                 write_resolved_config(config, tmp / RESOLVED_CONFIG)
                 state = {"step": step, "resume_key": asdict(resume_key), **extra_state, FILES_KEY: file_record(tmp)}
                 # written last inside the temporary dir; the rename publishes the whole checkpoint at once
@@ -375,3 +380,11 @@ def load_best_adapter(path: Path) -> dict | None:
 
     best = path / BEST_ADAPTER
     return load_file(str(best)) if best.is_file() else None
+
+
+def load_reference_logps(path: Path) -> dict | None:
+    """The reference log-probs a checkpoint carries (None when its run saved none: it needed no precomputed ones)."""
+    from safetensors.torch import load_file
+
+    saved = path / REFERENCE_LOGPS
+    return load_file(str(saved)) if saved.is_file() else None

@@ -4,14 +4,33 @@ Because the order depends on nothing but the seed and the step number, resuming 
 no sampler state to save, and a resumed run sees exactly the rows the uninterrupted run would have.
 The rows of one step are the same whatever the number of processes, so N processes with micro batch m
 train on the same rows per step as one process with micro batch N*m.
+
+An epoch's order is a numpy array (int32 below 2**31 rows: 4 bytes a row), never a sequence of Python ints.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from array import array
 from dataclasses import dataclass
 from functools import lru_cache
+
+import numpy as np
+
+from axlora.data.pack import index_dtype
+
+
+def shuffled_rows(num_rows: int, seed: str) -> np.ndarray:
+    """``range(num_rows)`` in ``random.Random(seed).shuffle``'s order, held as 4 (or 8) bytes a row.
+
+    The shuffle runs in place on an ``array`` rather than a list: ``shuffle`` only reads the length and swaps
+    items, so the order is exactly the list's, without an int object per row.
+    """
+    dtype = index_dtype(num_rows)
+    order = array(dtype.char, range(num_rows))
+    random.Random(seed).shuffle(order)
+    return np.frombuffer(order, dtype=dtype, count=num_rows)
 
 
 @dataclass(frozen=True)
@@ -45,16 +64,21 @@ class DataOrder:
         return step / self.steps_per_epoch
 
     @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
-    def _order(self, epoch: int) -> tuple[int, ...]:
-        order = list(range(self.num_rows))
-        random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        return tuple(order)
+    def _order(self, epoch: int) -> np.ndarray:
+        """Every row of ``epoch`` in training order (read-only: the cache hands out the same array)."""
+        order = self._epoch_order(epoch)
+        order.flags.writeable = False
+        return order
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The rows of ``epoch``, shuffled by (seed, epoch) alone; subclasses order them otherwise."""
+        return shuffled_rows(self.num_rows, f"{self.seed}-{epoch}")
 
     def step_rows(self, step: int) -> list[int]:
         """Row indices of optimizer step ``step`` (0-based) across all processes."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
-        return list(order[index * self.rows_per_step : (index + 1) * self.rows_per_step])
+        return order[index * self.rows_per_step : (index + 1) * self.rows_per_step].tolist()
 
     def micro_batch_count(self, step: int) -> int:
         """The most micro batches any process has in ``step`` (fewer only on an epoch's short last step)."""

@@ -8,10 +8,15 @@ early stopping and the optimizer state work as without sharding (a checkpoint is
 axlora calls ``fully_shard`` itself instead of going through accelerate's FSDP plugin: without GPUs
 accelerate would silently run DDP, while ``fully_shard`` over gloo really shards, so a CPU run exercises
 the code a GPU run uses.
+
+Quantized MoE experts (``quantize_moe_experts``) are a tensor subclass that sharding would turn into plain dense
+weights; their packed bytes first move into a flat parameter of the compute dtype, which is sharded like any weight
+(FSDP-QLoRA's quantized storage, ``model.expert_quant.store_experts_flat``).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from axlora.config.fsdp import FsdpSettings
@@ -66,13 +71,15 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
         known = sorted({type(m).__name__ for m in base.modules() if type(m).__name__.endswith("Layer")})
         raise UserError(f"fsdp_config.transformer_layer_cls_to_wrap: {type(base).__name__} has no layer of class "
                         f"{', '.join(classes) or '(none declared)'}; its layer classes: {', '.join(known) or 'none'}.")
+    packed_stacks = _flat_expert_storage(base, device)
     whole = whole_parameters(peft_model)
     world = torch.distributed.get_world_size()
     sending = settings.load_on_main_only and world > 1
     # rank 0's whole tensors, held until they are sent (sharding replaces the model's own with slices)
     main_weights = dict(_named_tensors(peft_model)) if sending and torch.distributed.get_rank() == 0 else None
     mesh = init_device_mesh(device.type, (world,))
-    shard_options = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=set(whole),
+    shard_options = dict(mesh=mesh, reshard_after_forward=settings.reshard_after_forward,
+                         ignored_params=set(whole) | set(packed_stacks),
                          offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
     for layer in layers:
         fully_shard(layer, **shard_options)
@@ -84,6 +91,13 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
     if sending:
         send_main_weights(peft_model, main_weights, device)
     return shard_figures(peft_model, len(layers))
+
+
+def _flat_expert_storage(model, device) -> list:
+    """Packed MoE experts (``quantize_moe_experts``) in the flat storage FSDP shards; returns the expert stacks, which
+    then hold no bytes of their own and stay out of FSDP. Their module is loaded only when a model has them."""
+    expert_quant = sys.modules.get("axlora.model.expert_quant")
+    return expert_quant.store_experts_flat(model, device) if expert_quant else []
 
 
 def _named_tensors(model):

@@ -1,7 +1,7 @@
-"""Experiment trackers (Weights & Biases, MLflow) and the Hugging Face Hub push, when a config asks for them.
+"""Experiment trackers (Weights & Biases, MLflow, SwanLab) and the Hugging Face Hub push, when a config asks for them.
 
 They are optional: nothing is imported, started or sent unless the config names it (``wandb_project``,
-``mlflow_tracking_uri``/``mlflow_experiment_name``, ``hub_model_id``), and axlora itself sends no
+``mlflow_tracking_uri``/``mlflow_experiment_name``, ``swanlab_project``, ``hub_model_id``), and axlora itself sends no
 telemetry. A config that asks for one where its package (or a Hub token) is missing fails when the run
 starts, with a ``UserError`` saying what to install, not hours later at the first log call or the push.
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,62 @@ class MlflowRun:
         self.mlflow.end_run()
 
 
+SWANLAB_DIR = "swanlog"
+"""SwanLab's files, under output_dir (outside logs/, which a fresh run sets aside while SwanLab writes)."""
+
+_SWANLAB_MODES = {"cloud": "online", "local": "local", "offline": "offline"}
+"""Axolotl's swanlab_mode names -> the SwanLab SDK's (which calls cloud "online")."""
+
+
+def swanlab_log_dir(config: Config) -> Path | None:
+    """output_dir/swanlog, unless the environment names SwanLab's directory (then SwanLab reads it itself)."""
+    if os.environ.get("SWANLAB_LOG_DIR") or os.environ.get("SWANLAB_LOGDIR"):
+        return None
+    return Path(config.output_dir) / SWANLAB_DIR
+
+
+class SwanLabRun:
+    """A SwanLab experiment with the config as its parameters (Axolotl's SwanLabPlugin, built in)."""
+
+    def __init__(self, config: Config, log: Log):
+        swanlab = _import("swanlab", "use_swanlab" if config.use_swanlab else "swanlab_project", "swanlab")
+        self.swanlab = swanlab
+        log_dir = swanlab_log_dir(config)
+        # SwanLab's Ctrl+C handler would close the run mid-step; axlora's own ends the step and saves first
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            self.run = swanlab.init(
+                project=config.swanlab_project, name=config.swanlab_experiment_name,
+                description=config.swanlab_description, mode=_SWANLAB_MODES.get(config.swanlab_mode or ""),
+                log_dir=str(log_dir) if log_dir else None, config=config.model_dump(mode="json", exclude_none=True),
+                reinit=True, settings=swanlab.Settings(interactive=False),  # a batch job must not wait for a login
+            )
+        except RuntimeError as error:  # cloud mode without an API key
+            raise UserError(f"swanlab_mode: {error} Set SWANLAB_API_KEY or run `swanlab login`, or set "
+                            "swanlab_mode: offline (upload later with `swanlab sync`) or local.") from None
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)
+        log(f"swanlab: logging to project {config.swanlab_project} ({self.run.mode})")
+
+    def watch(self, model) -> None:
+        """SwanLab has no gradient histograms."""
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.run.log(_numbers(row), step=int(row["step"]))
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        columns = list(rows[0]) if rows else []
+        table = self.swanlab.echarts.Table().add(columns, [[row[c] for c in columns] for row in rows])
+        self.run.log({name: table}, step=step)
+
+    def checkpoint_saved(self, directory: Path, step: int) -> None:
+        """SwanLab keeps metrics, not files."""
+
+    def finish(self, final_dir: Path, summary: dict[str, Any]) -> None:
+        self.run.finish()
+
+
 def require_hub_access(config: Config) -> None:
     """A push at the end needs huggingface_hub online and a token: check now, not after training."""
     if not config.hub_model_id:
@@ -219,4 +277,6 @@ def start_integrations(config: Config, model=None, log: Log = print, enabled: bo
         runs.append(WandbRun(config, model, log))
     if config.mlflow_enabled():
         runs.append(MlflowRun(config, log))
+    if config.swanlab_enabled():
+        runs.append(SwanLabRun(config, log))
     return Integrations(config, runs, log, enabled=True)

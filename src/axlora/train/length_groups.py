@@ -11,11 +11,11 @@ full, so grouping is not applied (as in Axolotl).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
 from axlora.config.schema import Config
+from axlora.data.pack import index_dtype
 from axlora.train.data_order import DataOrder
 
 MEGA_BATCH_STEPS = 50
@@ -26,22 +26,22 @@ class LengthGroupedOrder(DataOrder):
     lengths: bytes = b""
     """Every row's length as int32 bytes: 4 bytes a row, hashed once (the order's cache keys on the schedule)."""
 
-    @lru_cache(maxsize=4)  # noqa: B019 - a schedule lives as long as its run
-    def _order(self, epoch: int) -> tuple[int, ...]:
-        shuffled = np.asarray(super()._order(epoch), dtype=np.int64)
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        shuffled = super()._epoch_order(epoch)
         lengths = np.frombuffer(self.lengths, dtype=np.int32)
         size = self.rows_per_step * MEGA_BATCH_STEPS
-        grouped = [group[np.argsort(-lengths[group], kind="stable")]  # longest first; ties keep the shuffle
-                   for group in (shuffled[start:start + size] for start in range(0, len(shuffled), size))]
-        return tuple(np.concatenate(grouped).tolist()) if grouped else ()
+        for start in range(0, len(shuffled), size):  # longest first within each mega-batch; ties keep the shuffle
+            group = shuffled[start:start + size]
+            group[:] = group[np.argsort(-lengths[group], kind="stable")]
+        return shuffled
 
 
 @dataclass(frozen=True)
 class SequentialOrder(DataOrder):
     """``curriculum_sampling``: every epoch trains on the rows in their prepared order (no shuffle)."""
 
-    def _order(self, epoch: int) -> tuple[int, ...]:
-        return tuple(range(self.num_rows))
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.arange(self.num_rows, dtype=index_dtype(self.num_rows))
 
 
 def build_data_order(config: Config, rows, world_size: int) -> DataOrder:

@@ -4,7 +4,8 @@ The reference is never a second copy of the base. For a fresh LoRA it is the pol
 disabled, computed at each step (or once before training with ``precompute_ref_log_probs``). When continuing
 an adapter, the reference is that adapter as it was when the round started: its log-probs are computed in one
 pass before the first step (and before a checkpoint's weights are loaded on resume), so the reference is
-exactly the policy at step 0 and the DPO loss starts at ln 2.
+exactly the policy at step 0 and the DPO loss starts at ln 2. Under ZeRO-3, whose engine must hold the
+checkpoint's adapter from its start, a resumed run reads them from its checkpoint instead.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from axlora.config.schema import Config
@@ -19,9 +21,11 @@ from axlora.core.errors import UserError
 from axlora.data.preference_prepare import prepare_preferences, renderer_for
 from axlora.model.adapter_choice import AdapterChoice
 from axlora.model.tokenizer import load_tokenizer, tokenizer_fingerprint
+from axlora.train import checkpoint as ckpt
 from axlora.train.data_setup import TrainingData
 from axlora.train.preference_batch import PreferenceCollator, answer_logps
 from axlora.train.preference_step import PreferenceObjective
+from axlora.train.resume import Resume, load_checkpoint_adapter
 from axlora.train.runtime import Runtime
 
 
@@ -59,7 +63,7 @@ def preference_prompt_texts(config: Config, tokenizer) -> list[str]:
 def build_objective(config: Config, model, adapter: AdapterChoice, data: TrainingData, runtime: Runtime
                     ) -> PreferenceObjective:
     """The objective; reference log-probs computed now where the method needs them and must not move (under
-    FSDP once the model is sharded: ``attach_deferred_reference``)."""
+    FSDP and ZeRO-3 once the weights are placed: ``attach_deferred_reference``)."""
     objective, say = PreferenceObjective(config), runtime.say
     if not config.uses_reference():
         say(f"preference: rl: {config.rl}, beta {config.beta():g}, no reference model")
@@ -68,41 +72,85 @@ def build_objective(config: Config, model, adapter: AdapterChoice, data: Trainin
     if not (continuing or config.precompute_ref_log_probs):
         objective.disabled_adapter = model.disable_adapter
         say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: the base model (adapter disabled)")
-    elif runtime.fsdp:
+    elif runtime.fsdp or runtime.zero_stage == 3:
         objective.deferred_reference = "adapter" if continuing else "base"
+        objective.reference_checkpointed = runtime.zero_stage == 3
     else:
         _place_for_reference_pass(config, model, runtime)
         _reference_pass(config, model, data, runtime, from_base=not continuing)
     return objective
 
 
+def loads_adapter_after_reference(objective: PreferenceObjective | None) -> bool:
+    """Whether a resumed run loads its checkpoint's adapter after the reference pass (FSDP), not before wrapping."""
+    return (objective is not None and objective.deferred_reference is not None
+            and not objective.reference_checkpointed)
+
+
 def attach_deferred_reference(config: Config, objective: PreferenceObjective, model, data: TrainingData,
-                              runtime: Runtime) -> None:
-    """FSDP: the reference pass on the sharded model, right after wrapping (a rank may not hold the whole base
-    before: ``cpu_ram_efficient_loading``) and before a resumed run loads its checkpoint's adapter. Every rank
-    runs the forwards of every row, each gathering the weights from all ranks, so every rank holds them all."""
-    if objective.deferred_reference is not None:
-        _reference_pass(config, model, data, runtime, from_base=objective.deferred_reference == "base")
-        objective.deferred_reference = None
+                              runtime: Runtime, resume: Resume) -> None:
+    """The reference once the weights are placed; ``model`` is the unwrapped peft model.
+
+    FSDP: the pass on the sharded model, right after wrapping (a rank may not hold the whole base before:
+    ``cpu_ram_efficient_loading``), then a resumed run's checkpoint adapter (whole on every rank). ZeRO-3: the
+    weights load partitioned, so the pass runs once the engine has started; a resumed run's engine already
+    holds the checkpoint's adapter (its fp32 copies live in the optimizer's partitions, so it cannot be swapped
+    in later), and its reference log-probs are read from the checkpoint, which saved those of the first pass.
+    In a pass every rank runs the forwards of every row, each gathering the weights from all ranks, so every
+    rank holds all the reference log-probs."""
+    if objective.deferred_reference is None:
+        return
+    from_base = objective.deferred_reference == "base"
+    if objective.reference_checkpointed and resume.resuming:
+        assert resume.checkpoint is not None
+        _read_reference(config, resume.checkpoint, data, runtime, from_base)
+    else:
+        _reference_pass(config, model, data, runtime, from_base)
+    objective.deferred_reference = None
+    if resume.resuming and not objective.reference_checkpointed:
+        load_checkpoint_adapter(resume, model)
+
+
+def _reference_source(from_base: bool) -> str:
+    return "the base model (adapter disabled)" if from_base else "the adapter this round starts from"
 
 
 def _reference_pass(config: Config, model, data: TrainingData, runtime: Runtime, from_base: bool) -> None:
-    source = "the base model (adapter disabled)" if from_base else "the adapter this round starts from"
     for rows in (data.train_rows, data.val_rows):
         attach_reference_logps(model, rows, data.collate, config.micro_batch_size, disable=from_base,
                                autocast=runtime.accelerator.autocast)
-    runtime.say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: {source}, log-probs of "
-                f"{len(data.train_rows) + len(data.val_rows)} rows computed before training")
+    runtime.say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: {_reference_source(from_base)}, "
+                f"log-probs of {len(data.train_rows) + len(data.val_rows)} rows computed before training")
+
+
+def reference_tensors(data: TrainingData) -> dict[str, Any]:
+    """The rows' reference log-probs as float32 tensors (rows x sequences), as a checkpoint saves them: the
+    values are float32 already, so a resumed run reads back exactly what the first pass computed."""
+    import torch
+
+    return {split: torch.tensor([row["ref_logps"] for row in rows], dtype=torch.float32)
+            for split, rows in (("train", data.train_rows), ("val", data.val_rows)) if rows}
+
+
+def _read_reference(config: Config, checkpoint: Path, data: TrainingData, runtime: Runtime, from_base: bool) -> None:
+    saved = ckpt.load_reference_logps(checkpoint) or {}
+    for split, rows in (("train", data.train_rows), ("val", data.val_rows)):
+        values = saved.get(split)
+        if rows and (values is None or values.shape[0] != len(rows)):
+            raise UserError(f"resume_from_checkpoint: {checkpoint} holds no reference log-probs for this run's "
+                            f"{len(rows)} {split} rows ({ckpt.REFERENCE_LOGPS}); under DeepSpeed ZeRO-3 a resumed "
+                            "run reads them from its checkpoint. Resume it with the rl settings that wrote it, or "
+                            "start the round afresh.")
+        for row, value in zip(rows, values.tolist() if rows else [], strict=True):
+            row["ref_logps"] = value
+    runtime.say(f"preference: rl: {config.rl}, beta {config.beta():g}; reference: {_reference_source(from_base)}, "
+                f"log-probs of {len(data.train_rows) + len(data.val_rows)} rows read from checkpoints/"
+                f"{checkpoint.name}")
 
 
 def _place_for_reference_pass(config: Config, model, runtime: Runtime) -> None:
     """The reference pass runs before the model is wrapped for parallelism: on this process's device, which the
-    wrapping would move the model to anyway. ZeRO-3 loads the weights partitioned: none is whole on any rank."""
-    if runtime.zero_stage == 3:
-        raise UserError("rl / deepspeed zero3: the reference log-probs of a continued adapter (or "
-                        "precompute_ref_log_probs) are computed before DeepSpeed starts, when ZeRO-3's partitioned "
-                        "weights cannot run a forward; use ZeRO-1/2, fsdp, or a fresh LoRA without "
-                        "precompute_ref_log_probs.")
+    wrapping would move the model to anyway."""
     if config.quantization_bits() is None:
         model.to(runtime.accelerator.device)
 

@@ -37,7 +37,8 @@ class PreferenceObjective:
 
     config: Config
     disabled_adapter: Any = None  # a context manager factory, when the reference is computed at each step
-    deferred_reference: str | None = None  # FSDP: "adapter" or "base", until the pass on the sharded model
+    deferred_reference: str | None = None  # FSDP / ZeRO-3: "adapter" or "base", until the weights are placed
+    reference_checkpointed: bool = False  # ZeRO-3: the rows' reference log-probs travel with each checkpoint
 
     @property
     def figure_names(self) -> tuple[str, ...]:

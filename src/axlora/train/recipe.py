@@ -45,8 +45,10 @@ from axlora.train.preference_setup import (
     attach_deferred_reference,
     build_objective,
     lay_out_preference_rows,
+    loads_adapter_after_reference,
     preference_prompt_texts,
     prepare_preference_rows,
+    reference_tensors,
 )
 from axlora.train.preference_step import (
     PreferenceObjective,
@@ -166,14 +168,11 @@ class TrainingRun:
         self.eval_table = start_eval_table(config, tokenizer, self.data.val_rows, self.say)
         self._setup_model()
         optimizer = self._setup_optimizer()
-        deferred = self.objective is not None and self.objective.deferred_reference is not None
-        if self.resume.resuming and not deferred:
+        if self.resume.resuming and not loads_adapter_after_reference(self.objective):
             load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
         self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
-        if deferred:  # FSDP: the reference pass on the sharded model, before the checkpoint's adapter loads
-            attach_deferred_reference(config, self.objective, self.unwrapped, self.data, self.runtime)
-            if self.resume.resuming:
-                load_checkpoint_adapter(self.resume, self.unwrapped)  # the adapter stays whole under FSDP
+        if self.objective is not None:  # FSDP / ZeRO-3: the reference now that the weights are placed
+            attach_deferred_reference(config, self.objective, self.unwrapped, self.data, self.runtime, self.resume)
         self.prompts = (preference_prompt_texts if config.rl else corpus_prompt_texts if config.pretraining_dataset
                         else sample_prompt_texts)(config, tokenizer)
         self.completions_before = self._complete_prompts()
@@ -357,6 +356,8 @@ class TrainingRun:
                          "last_eval_loss": counters.eval_loss, "early_stopping": self.early.state()},
             save_total_limit=self.config.save_total_limit,
             best_adapter=self.early.best_weights,
+            reference_logps=(reference_tensors(self.data) if self.objective is not None
+                             and self.objective.reference_checkpointed else None),
         )
         self.runtime.integrations.checkpoint_saved(self.layout.checkpoint(counters.step), counters.step)
 
