@@ -65,27 +65,48 @@ def start_causal_lm_eval(config: Config, tokenizer, val_rows, say: Callable[[str
     """The prepared evaluation when ``do_causal_lm_eval`` is on (None when off)."""
     if not config.do_causal_lm_eval:
         return None
-    if config.rl:
-        raise UserError(f"do_causal_lm_eval / rl: scores completions of supervised rows; rl: {config.rl} evaluates "
-                        "rewards instead. Remove do_causal_lm_eval.")
-    if not val_rows:
-        raise UserError("do_causal_lm_eval: needs validation rows to complete; set val_set_size (e.g. 0.05).")
     metrics = list(dict.fromkeys(config.eval_causal_lm_metrics))
     missing = [name for name in metrics if name in SACREBLEU_METRICS] if not _has_sacrebleu() else []
     if missing:
         say(f"note: do_causal_lm_eval: {', '.join(missing)} need the sacrebleu package, which is not installed "
             "(pip install sacrebleu); they are not computed")
         metrics = [name for name in metrics if name not in missing]
-    rows = [row for row in val_rows[:config.eval_causal_lm_max_rows] if _first_label(row) is not None]
-    if not rows:
-        raise UserError("do_causal_lm_eval: no validation row has a prompt to complete (every token of them is "
-                        "trained, as in completion data); it needs prompt/answer rows such as alpaca or chat formats.")
-    prompts = [list(row["input_ids"][:_first_label(row)]) for row in rows]
-    references = [tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                                    if label != IGNORE_INDEX], skip_special_tokens=True) for row in rows]
-    say(f"causal_lm_eval: {', '.join(metrics) or 'nothing'} on {len(rows)} validation row(s), up to "
+    chosen = validation_prompts("do_causal_lm_eval", config, val_rows[:config.eval_causal_lm_max_rows], tokenizer)
+    say(f"causal_lm_eval: {', '.join(metrics) or 'nothing'} on {len(chosen.indices)} validation row(s), up to "
         f"{config.eval_max_new_tokens} new tokens each")
-    return CausalLMEval(rows, prompts, references, metrics, config.eval_max_new_tokens)
+    rows = [val_rows[index] for index in chosen.indices]
+    return CausalLMEval(rows, chosen.prompts, chosen.references, metrics, config.eval_max_new_tokens)
+
+
+@dataclass(frozen=True)
+class ValidationPrompts:
+    """Validation rows that have a prompt to complete: their indices, prompt token ids and reference answers."""
+
+    indices: list[int]
+    prompts: list[list[int]]
+    references: list[str]
+
+
+def validation_prompts(key: str, config: Config, val_rows, tokenizer, limit: int | None = None) -> ValidationPrompts:
+    """The first ``limit`` of ``val_rows`` with a prompt (masked tokens before the answer), for ``key``, which
+    completes them at each evaluation (do_causal_lm_eval, eval_table_size)."""
+    if config.rl:
+        raise UserError(f"{key} / rl: completes supervised validation rows; rl: {config.rl} evaluates rewards "
+                        f"instead. Remove {key}.")
+    if not val_rows:
+        raise UserError(f"{key}: needs validation rows to complete; set val_set_size (e.g. 0.05).")
+    starts = [(index, _first_label(row)) for index, row in enumerate(val_rows)]
+    chosen = [(index, start) for index, start in starts if start is not None][:limit]
+    if not chosen:
+        raise UserError(f"{key}: no validation row has a prompt to complete (every token of them is trained, as in "
+                        "completion data); it needs prompt/answer rows such as alpaca or chat formats.")
+    rows = [val_rows[index] for index, _ in chosen]
+    return ValidationPrompts(
+        indices=[index for index, _ in chosen],
+        prompts=[list(row["input_ids"][:start]) for row, (_, start) in zip(rows, chosen, strict=True)],
+        references=[tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"], strict=True)
+                                      if label != IGNORE_INDEX], skip_special_tokens=True) for row in rows],
+    )
 
 
 def _first_label(row: dict[str, Any]) -> int | None:

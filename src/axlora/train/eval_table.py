@@ -17,9 +17,7 @@ from typing import Any
 
 from axlora.config.schema import Config
 from axlora.core.atomic import atomic_write_text, filesystem_error, make_directory
-from axlora.core.errors import UserError
-from axlora.core.names import IGNORE_INDEX
-from axlora.train.causal_lm_eval import _first_label
+from axlora.train.causal_lm_eval import validation_prompts
 
 EVAL_PREDICTIONS = "eval_predictions.jsonl"
 TABLE_NAME = "eval_predictions"
@@ -89,21 +87,9 @@ def start_eval_table(config: Config, tokenizer, val_rows, say: Callable[[str], N
     """The prepared table when ``eval_table_size`` asks for rows (None when it does not)."""
     if not config.eval_table_size:
         return None
-    if config.rl:
-        raise UserError(f"eval_table_size / rl: completes supervised validation rows; rl: {config.rl} evaluates "
-                        "rewards instead. Remove eval_table_size.")
-    if not val_rows:
-        raise UserError("eval_table_size: needs validation rows to complete; set val_set_size (e.g. 0.05).")
-    chosen = [(index, row) for index, row in enumerate(val_rows) if _first_label(row) is not None]
-    chosen = chosen[:config.eval_table_size]
-    if not chosen:
-        raise UserError("eval_table_size: no validation row has a prompt to complete (every token of them is "
-                        "trained, as in completion data); it needs prompt/answer rows such as alpaca or chat formats.")
-    prompts = [list(row["input_ids"][:_first_label(row)]) for _, row in chosen]
-    references = [tokenizer.decode([token for token, label in zip(row["input_ids"], row["labels"], strict=True)
-                                    if label != IGNORE_INDEX], skip_special_tokens=True) for _, row in chosen]
-    say(f"eval_table: predictions for {len(chosen)} validation row(s) at each evaluation, up to "
+    chosen = validation_prompts("eval_table_size", config, val_rows, tokenizer, limit=config.eval_table_size)
+    say(f"eval_table: predictions for {len(chosen.indices)} validation row(s) at each evaluation, up to "
         f"{config.eval_table_tokens()} new tokens each, in logs/{EVAL_PREDICTIONS}")
-    return EvalTable([index for index, _ in chosen], prompts,
-                     tokenizer.batch_decode(prompts, skip_special_tokens=True), references,
+    return EvalTable(chosen.indices, chosen.prompts,
+                     tokenizer.batch_decode(chosen.prompts, skip_special_tokens=True), chosen.references,
                      config.eval_table_tokens())
