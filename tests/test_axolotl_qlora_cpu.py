@@ -92,3 +92,21 @@ def test_an_evaluation_leaves_the_4bit_layers_trainable(make_config, tiny_64):
     model(input_ids=ids, labels=ids).loss.backward()
     missing = [n for n, p in model.named_parameters() if "lora_B" in n and p.grad is None]
     assert not missing, missing
+
+
+@pytest.mark.slow
+def test_fsdp_with_an_8bit_base_keeps_the_int8_weights_whole_and_trains_what_one_process_does(
+        make_config, tiny_64, tmp_path):
+    import json
+
+    common = {"base_model": str(tiny_64), "load_in_8bit": True, "optimizer": "sgd", "learning_rate": 0.05,
+              "max_steps": 2}
+    train_ok(make_config("one.yml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
+    result = train_ok(make_config(
+        "fsdp.yml", micro_batch_size=2, num_processes=2, output_dir=str(tmp_path / "fsdp"),
+        fsdp_config={"fsdp_version": 2, "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}, **common))
+    assert "the int8 weights stay whole on every process" in result.stdout
+    figures = json.loads((tmp_path / "fsdp" / "final" / "train_summary.json").read_text())["fsdp"]
+    assert figures["int8_parameters"] > 0 and figures["sharded_parameters_on_this_rank"] < figures["sharded_parameters"]
+    assert logged(tmp_path / "fsdp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+    assert_close_final_adapters(tmp_path / "fsdp", tmp_path / "one", rtol=1e-4, atol=1e-6)

@@ -11,6 +11,7 @@ the step-1 loss (before any update, so it depends only on the forward) with the 
 - liger:           liger_rope / liger_rms_norm / liger_glu_activation / liger_fused_linear_cross_entropy
 - cut_ce:          cut_cross_entropy (CutCrossEntropyPlugin)
 - fsdp_qlora:      fsdp with a 4-bit base on 2 GPUs (skipped with fewer)
+- fsdp_8bit:       fsdp with an 8-bit base (int8 weights whole on each GPU) on 2 GPUs, loss within int8 rounding
 
 On a CPU, qlora, moe_experts and offload run too (bitsandbytes has a CPU backend). A check whose package or
 GPUs are missing reports "skipped" with the reason (the run itself says which line it
@@ -38,6 +39,8 @@ CHECKS = {
     "cut_ce": ({"cut_cross_entropy": True}, ["cut_cross_entropy"], 0.02),
     "fsdp_qlora": ({"adapter": "qlora", "num_processes": 2, "fsdp": ["full_shard", "auto_wrap"],
                     "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": "Qwen3MoeDecoderLayer"}}, [], 0.05),
+    "fsdp_8bit": ({"load_in_8bit": True, "num_processes": 2, "fsdp": ["full_shard", "auto_wrap"],
+                   "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": "Qwen3MoeDecoderLayer"}}, [], 0.05),
 }
 
 
@@ -79,9 +82,9 @@ def first_loss(root: Path, name: str, base: Path, keys: dict) -> tuple[int, floa
 def skip_reason(name: str, packages: list[str]) -> str | None:
     import torch
 
-    if not torch.cuda.is_available() and name in ("liger", "cut_ce", "fsdp_qlora"):
+    if not torch.cuda.is_available() and name in ("liger", "cut_ce", "fsdp_qlora", "fsdp_8bit"):
         return "no CUDA GPU"  # the others run on a CPU too (bitsandbytes' CPU backend), which checks this script
-    if name == "fsdp_qlora" and torch.cuda.device_count() < 2:
+    if name.startswith("fsdp") and torch.cuda.device_count() < 2:
         return "needs 2 GPUs"
     missing = [p for p in packages + ["bitsandbytes"] * name.startswith(("qlora", "moe", "fsdp"))
                if importlib.util.find_spec(p) is None]

@@ -135,6 +135,13 @@ NO_OP: dict[str, NoOp] = {
         "flex_attn_compile_kwargs", "embeddings_skip_upcast", "gc_steps",
     ),
     **_noop(
+        "Axolotl's Triton/CUDA MoE kernels (grouped or persistent expert GEMMs, DeepSeek-V4 attention/RoPE/mHC, "
+        "the fp4 grouped expert GEMM) ship with Axolotl only; the model's own expert and attention code runs, "
+        "with activations in the compute dtype (the same math; dsv4_fp4_grouped_mode: nvfp4 would round "
+        "activations to fp4)",
+        "moe_kernels", "moe_group_size", "moe_persistent_kernel", "use_dsv4_kernels", "dsv4_fp4_grouped_mode",
+    ),
+    **_noop(
         "tuning of Cut Cross-Entropy's kernel (cut_cross_entropy): the same loss",
         "cut_cross_entropy_accum_c_fp32", "cut_cross_entropy_c_grad_chunk_size",
     ),
@@ -329,6 +336,7 @@ PLUGINS: dict[str, Plugin] = {
     "CutCrossEntropyPlugin": Plugin("Cut Cross-Entropy: the same loss without materialising the logits", True,
                                     sets="cut_cross_entropy"),
     "KernelsPlugin": Plugin("Hub and MoE kernels (ScatterMoE, SonicMoE)", True),
+    "MoeOptimizedPlugin": Plugin("grouped-GEMM MoE kernels (moe_kernels)", True),
     "SpectrumPlugin": Plugin("Spectrum: picks layers to fully fine-tune (" + _FULL_FT + ")", False),
     "LMEvalPlugin": Plugin("lm-eval benchmarks after training (" + _EVALS + ")", False),
     "GrokfastPlugin": Plugin("Grokfast gradient filtering, which changes the optimization", False),

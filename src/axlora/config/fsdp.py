@@ -54,6 +54,9 @@ def fsdp_settings(config: Config) -> FsdpSettings | None:
         load_on_main_only = False  # the quantized layers and their scales are made while loading, by each process
         notes.append("fsdp_config.cpu_ram_efficient_loading: with a quantized base every process reads and quantizes "
                      "the weights itself (more CPU RAM while loading; the same training)")
+    if config.quantization_bits() == 8:
+        notes.append("fsdp / load_in_8bit: the int8 weights stay whole on every process (their row scales cannot be "
+                     "split from them); the rest of the base is sharded. load_in_4bit shards all of it")
     return FsdpSettings(
         reshard_after_forward=reshard,
         offload_params=settings.offload_params or "offload" in options,

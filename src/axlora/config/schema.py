@@ -236,9 +236,6 @@ class Config(
             problems.append("fsdp: full_shard and shard_grad_op are two sharding strategies; keep one.")
         if self.deepspeed:
             problems.append("fsdp / deepspeed: choose one way of sharding the model, not both.")
-        if self.quantization_bits() == 8:
-            problems.append("fsdp / load_in_8bit: FSDP shards a 4-bit base (FSDP-QLoRA), not an 8-bit one; "
-                            "use load_in_4bit.")
         if self.chunked_cross_entropy:
             problems.append("chunked_cross_entropy: not with FSDP, which shards the output head's weight; "
                             "turn one of them off.")

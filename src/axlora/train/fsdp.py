@@ -31,6 +31,12 @@ def whole_parameters(peft_model) -> list:
     return [p for p in peft_model.parameters() if p.requires_grad or p.data_ptr() in saved]
 
 
+def int8_weights(model) -> list:
+    """LLM.int8 weights (``load_in_8bit``): their row scales live beside the int8 bytes, which a shard would cut
+    apart from them, so each rank keeps them whole (only the rest of the base is sharded)."""
+    return [p for p in model.parameters() if type(p).__name__ == "Int8Params"]
+
+
 def materialize_empty(model) -> None:
     """Give a model built on the meta device real (uninitialized) CPU storage, keeping its buffers and tied weights.
 
@@ -72,7 +78,7 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
         raise UserError(f"fsdp_config.transformer_layer_cls_to_wrap: {type(base).__name__} has no layer of class "
                         f"{', '.join(classes) or '(none declared)'}; its layer classes: {', '.join(known) or 'none'}.")
     packed_stacks = _flat_expert_storage(base, device)
-    whole = whole_parameters(peft_model)
+    whole = whole_parameters(peft_model) + int8_weights(base)
     world = torch.distributed.get_world_size()
     sending = settings.load_on_main_only and world > 1
     # rank 0's whole tensors, held until they are sent (sharding replaces the model's own with slices)
@@ -88,6 +94,9 @@ def shard_model(peft_model, settings: FsdpSettings, device) -> dict[str, Any]:
     with torch.no_grad():
         for parameter in whole:
             parameter.data = parameter.data.to(device)
+            for scales in ("CB", "SCB"):  # an int8 weight's row scales travel with its bytes
+                if getattr(parameter, scales, None) is not None:
+                    setattr(parameter, scales, getattr(parameter, scales).to(device))
     if sending:
         send_main_weights(peft_model, main_weights, device)
     return shard_figures(peft_model, len(layers))
@@ -142,4 +151,5 @@ def shard_figures(model, units: int) -> dict[str, Any]:
         "sharded_parameters": sum(p.numel() for p in sharded),
         "sharded_parameters_on_this_rank": sum(p.to_local().numel() for p in sharded),
         "whole_parameters": sum(p.numel() for p in whole),
+        "int8_parameters": sum(p.numel() for p in int8_weights(model)),
     }

@@ -77,4 +77,6 @@ def _sharding_line(fsdp: FsdpSettings, figures: dict, world_size: int) -> str:
     share = figures["sharded_parameters_on_this_rank"] / max(figures["sharded_parameters"], 1)
     return (f"fsdp: {fsdp.describe()} over {world_size} process(es), {figures['layers_sharded']} layers: rank 0 "
             f"holds {figures['sharded_parameters_on_this_rank']:,} of {figures['sharded_parameters']:,} base weights "
-            f"({100 * share:.1f}%); the adapter's {figures['whole_parameters']:,} stay whole on every rank")
+            f"({100 * share:.1f}%); the adapter's {figures['whole_parameters'] - figures['int8_parameters']:,}"
+            + (f" and the int8 base's {figures['int8_parameters']:,}" if figures["int8_parameters"] else "")
+            + " stay whole on every rank")
