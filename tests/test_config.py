@@ -133,6 +133,16 @@ def test_schema_file_is_current():
     assert stored == json_schema(), "schemas/axlora.schema.json is stale: run `axlora schema > schemas/axlora.schema.json`"
 
 
+def test_a_reader_that_leaves_early_ends_the_output_quietly():
+    """`axlora schema | head -c 10`: the closed pipe stops the command without a traceback."""
+    writer = subprocess.Popen([sys.executable, "-m", "axlora", "schema"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=REPO)
+    writer.stdout.read(10)
+    writer.stdout.close()
+    assert writer.wait(timeout=120) == 141
+    assert b"Traceback" not in writer.stderr.read()
+
+
 def test_every_field_has_a_description():
     schema = json_schema()
     missing = [name for name, prop in schema["properties"].items() if not prop.get("description")]

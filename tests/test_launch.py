@@ -61,6 +61,24 @@ def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path):
     assert process_layout(config.model_copy(update={"num_processes": None})).num_processes == 2
 
 
+def test_one_machine_rendezvous_on_a_free_port_unless_one_is_set():
+    """Two runs on one machine must not both wait on accelerate's default port 29500."""
+    import socket
+
+    from axlora.config.schema import Config
+    from axlora.launch import process_layout
+
+    config = Config(base_model="m", datasets=[{"path": "d.jsonl", "type": "alpaca"}], lora_target_linear=True,
+                    max_steps=1, num_processes=2)
+    port = process_layout(config).main_process_port
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # it was free a moment ago
+    explicit = Config(**{**config.model_dump(exclude_unset=True), "main_process_port": 29511})
+    assert process_layout(explicit).main_process_port == 29511
+    several = Config(**{**config.model_dump(exclude_unset=True), "num_machines": 2, "main_process_ip": "10.0.0.1"})
+    assert process_layout(several).main_process_port == 29500
+
+
 def test_bad_input_found_by_the_workers_still_exits_2(make_config):
     """accelerate exits 1 for any failed worker; the launcher reports the workers' own status 2."""
     result = run_cli("train", str(make_config(num_processes=2, eval_on_start=True)))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -215,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aborted: interrupted at once; the work since the last checkpoint is lost", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`axlora validate cfg.yml | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

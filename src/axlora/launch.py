@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -86,7 +87,7 @@ def process_layout(config: Config) -> ProcessLayout:
         num_machines=config.num_machines,
         machine_rank=config.machine_rank,
         main_process_ip=config.main_process_ip,
-        main_process_port=config.main_process_port,
+        main_process_port=_rendezvous_port(config),
         use_gpus=gpus > 0,
         deepspeed=config.deepspeed,
         fsdp=config.uses_fsdp(),
@@ -96,6 +97,15 @@ def process_layout(config: Config) -> ProcessLayout:
     if layout.fsdp:
         _check_fsdp(config, layout)
     return layout
+
+
+def _rendezvous_port(config: Config) -> int:
+    """The configured port; on one machine, unless it is set, a free one: two runs on one machine do not collide."""
+    if config.num_machines > 1 or "main_process_port" in config.model_fields_set:
+        return config.main_process_port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _check_fsdp(config: Config, layout: ProcessLayout) -> None:

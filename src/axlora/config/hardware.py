@@ -85,7 +85,8 @@ class HardwareSettings(StrictModel):
     num_machines: int = Field(default=1, gt=0, description="Machines taking part (one axlora train per machine).")
     machine_rank: int = Field(default=0, ge=0, description="This machine's rank, 0 .. num_machines-1.")
     main_process_ip: str | None = Field(default=None, description="Address of the rank-0 machine (multi-node).")
-    main_process_port: int = Field(default=29500, gt=0, lt=65536, description="Port of the rank-0 machine.")
+    main_process_port: int = Field(default=29500, gt=0, lt=65536,
+                                   description="Port of the rank-0 machine (on one machine, a free port unless set).")
     ddp_timeout: int = Field(default=1800, gt=0, description="Seconds a process waits for the others (NCCL/gloo).")
     deepspeed: str | None = Field(
         default=None,
