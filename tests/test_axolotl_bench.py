@@ -16,13 +16,13 @@ def test_counts_accepted_files_and_refusing_keys(tmp_path):
         shutil.copy(REPO / "tests" / "axolotl_configs" / name, tmp_path / name)
     (tmp_path / "refused.yml").write_text(
         (REPO / "tests" / "axolotl_configs" / "qwen2.5-chat-template.yml").read_text()
-        + "relora: true\nlora_rr: 4\n")
+        + "lisa_n_layers: 2\nlora_rr: 4\n")
     done = subprocess.run([sys.executable, str(REPO / "bench" / "axolotl_examples.py"), str(tmp_path), "--show"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "refused.yml: lora_rr, relora" in done.stdout
+    assert "refused.yml: lisa_n_layers, lora_rr" in done.stdout
     assert "accepted 2/3 (67%), crashed 0" in done.stdout
-    assert "    1  relora  (e.g. refused.yml)" in done.stdout and "    1  lora_rr" in done.stdout
+    assert "    1  lisa_n_layers  (e.g. refused.yml)" in done.stdout and "    1  lora_rr" in done.stdout
 
 
 def _write(folder, name, **keys):

@@ -44,7 +44,7 @@ def notes_of(path: Path) -> list[str]:
     return notes
 
 
-@pytest.mark.parametrize("key", ["vllm", "image_size", "lisa_n_layers", "relora_steps", "tensor_parallel_size",
+@pytest.mark.parametrize("key", ["vllm", "image_size", "lisa_n_layers", "use_ray", "tensor_parallel_size",
                                  "use_pose", "use_comet", "gptq", "qat", "lr_groups"])
 def test_rejected_key_is_named_with_its_line_and_reason(tmp_path, key):
     path = write(tmp_path, f"{key}: yes\n")

@@ -157,3 +157,10 @@ def test_gemma4_template_thinking_switch_and_generation_prompt(tiny_model_dir):
     thinking = tokenizer.apply_chat_template(chat, chat_template=GEMMA4, tokenize=False, add_generation_prompt=True,
                                              enable_thinking=True)
     assert thinking == "<s><|turn>system\n<|think|><turn|>\n<|turn>user\n1+2<turn|>\n<|turn>model\n"
+
+
+def test_warmup_steps_below_one_is_a_fraction_of_the_steps_as_in_transformers_5():
+    assert config(warmup_steps=0.1).derived_warmup_steps(50) == 5
+    assert config(warmup_steps=0.01).derived_warmup_steps(50) == 1  # rounded up, as transformers does
+    assert config(warmup_steps=10).derived_warmup_steps(50) == 10
+    assert config(warmup_steps=0).derived_warmup_steps(50) == 0

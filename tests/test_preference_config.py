@@ -65,8 +65,8 @@ def test_preference_dataset_without_rl_and_wrong_kind_are_refused(tmp_path):
     assert "holds preference rows; set rl" in problems(write(tmp_path))
     text = problems(write(tmp_path, rl="kto", datasets=[{"path": "p.jsonl", "type": "chat_template.default"}]))
     assert "type chat_template.default is not a kto format" in text
-    text = problems(write(tmp_path, rl="dpo", datasets=[{"path": "p.jsonl", "type": "chatml.argilla_chat"}]))
-    assert "type chatml.argilla_chat is not a dpo format" in text
+    text = problems(write(tmp_path, rl="dpo", datasets=[{"path": "p.jsonl", "type": "chat_template.argilla"}]))
+    assert "type chat_template.argilla is not a dpo format" in text
 
 
 def test_axolotl_kto_keys_load(tmp_path):

@@ -51,6 +51,10 @@ def test_chat_template_pairs_share_the_prompt(tmp_path, tokenizer):
                                                  {"role": "assistant", "content": "yes"}],
                       "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}]}),
     ("user_defined.default", {"prompt": "Q?", "chosen": "yes", "rejected": "no"}),
+    # Axolotl's argilla_chat reads the first exchange only: later turns are not part of the pair
+    ("llama3.argilla_chat", {"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"},
+                                        {"role": "user", "content": "more?"}, {"role": "assistant", "content": "x"}],
+                             "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "no"}]}),
 ])
 def test_axolotl_pair_types(tmp_path, tokenizer, kind, row):
     [out] = prepare_preferences(config_for(tmp_path, [row], kind), tokenizer, log=lambda line: None).train
@@ -59,6 +63,8 @@ def test_axolotl_pair_types(tmp_path, tokenizer, kind, row):
     assert decoded(tokenizer, out, "rejected_ids").startswith("no")
     if kind.startswith("llama3"):
         assert "<|start_header_id|>assistant<|end_header_id|>" in prompt
+    if kind.endswith("argilla_chat"):
+        assert "more?" not in prompt and decoded(tokenizer, out, "chosen_ids").startswith("yes<|eot_id|>")
     if kind == "chatml.intel":
         assert prompt.startswith("<|im_start|>system\nBe brief.")
     if kind == "user_defined.default":
@@ -119,6 +125,8 @@ def test_axolotl_kto_types(tmp_path, tokenizer, kind, row, dataset):
     assert ("system\nBe brief." in prompt) == ("system" in row)
     if kind.startswith("llama3"):
         assert "<|start_header_id|>assistant<|end_header_id|>" in prompt
+    if kind.endswith("argilla_chat"):
+        assert "more?" not in prompt and decoded(tokenizer, out, "chosen_ids").startswith("yes<|eot_id|>")
     with pytest.raises(UserError, match="must be true \\(desirable\\) or false"):
         prepare_preferences(config_for(tmp_path, [bad], kind, rl="kto", dataset=dataset), tokenizer,
                             log=lambda line: None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -195,11 +196,16 @@ def add_inference_arguments(command: argparse.ArgumentParser) -> None:
 # Deprecation notices libraries raise about their own calls (peft -> transformers, DeepSpeed -> torch):
 # nothing a user can act on, printed on every run.
 _LIBRARY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`torch.distributed.all_gather_into_tensor` is deprecated")
+# Loggers that report, on import, kernels this machine lacks (torchao's CUDA builds, bitsandbytes' Hub kernels)
+# and torch.compile registrations: printed by every run in which peft imports them; their errors still show.
+_IMPORT_CHATTER = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     for notice in _LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=notice, category=FutureWarning)
+    for name in _IMPORT_CHATTER:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     handler = COMMANDS[args.command][0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from axlora.config.block_diffusion_keys import refuse_merge
 from axlora.config.schema import Config
 from axlora.core.atomic import recover_directory
 from axlora.core.errors import RunFailed, UserError
@@ -41,6 +42,7 @@ def run_merge(config: Config, *, lora_model_dir: str | None, output: str | None,
               verify: bool, log=print) -> Path:
     from axlora.merge import MergeVerificationError, merge_lora
 
+    refuse_merge(config.block_diffusion)
     adapter_dir, reason = choose_adapter(config, lora_model_dir, log)
     log(f"merge-lora: merging {reason}")
     output_dir = Path(output).expanduser().resolve() if output else RunLayout(Path(config.output_dir)).merged

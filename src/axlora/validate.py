@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from axlora.config.datasets import DatasetConfig
+from axlora.config.datasets import DatasetConfig, data_files_location
 from axlora.config.fsdp import fsdp_settings
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
@@ -16,8 +16,9 @@ from axlora.model.adapter_choice import resolve_adapter
 
 def count_local_rows(dataset: DatasetConfig) -> int | None:
     """Rows in a local JSON/JSONL file (None for other sources: counted when the data is prepared)."""
-    path = Path(dataset.path)
-    if not path.is_file() or dataset.split != "train":
+    names = [dataset.path] if dataset.path is not None else dataset.file_names()
+    path = Path(names[0])
+    if len(names) != 1 or not path.is_file() or dataset.split != "train":
         return None
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -31,18 +32,25 @@ def count_local_rows(dataset: DatasetConfig) -> int | None:
     return None
 
 
+def _dataset_location(dataset: DatasetConfig) -> str:
+    """local, Hugging Face Hub, or local files (an entry without path); a missing local path is an error."""
+    if dataset.path is None:
+        return data_files_location(dataset)
+    path = Path(dataset.path)
+    if not path.exists() and (path.is_absolute() or dataset.path.startswith(".")):
+        raise UserError(f"datasets: '{dataset.path}' not found.")
+    return "local" if path.exists() else "Hugging Face Hub"
+
+
 def describe_plan(config: Config) -> str:
     """A readable summary: model, adapter case, datasets, batch and steps."""
     lines = [f"base_model: {config.base_model}" + (" (built-in demo model)" if is_builtin_model(config.base_model) else "")]
     lines.append(resolve_adapter(config).describe())
     total_rows: int | None = 0
     for dataset in config.datasets:
-        path = Path(dataset.path)
-        if not path.exists() and (path.is_absolute() or dataset.path.startswith(".")):
-            raise UserError(f"datasets: '{dataset.path}' not found.")
+        where = _dataset_location(dataset)
         rows = count_local_rows(dataset)
-        where = "local" if path.exists() else "Hugging Face Hub"
-        lines.append(f"dataset: {dataset.path} ({where}, type {dataset.type or 'pre-tokenized'}, split {dataset.split}"
+        lines.append(f"dataset: {dataset.label} ({where}, type {dataset.type or 'pre-tokenized'}, split {dataset.split}"
                      + (f", {rows} rows)" if rows is not None else ")"))
         total_rows = None if rows is None or total_rows is None else total_rows + rows
     for corpus in config.pretraining_dataset or ():

@@ -176,8 +176,8 @@ _SCHEDULE = ("learning-rate groups by module are not supported; loraplus_lr_rati
              "the LoRA B and embedding weights")
 _EVALS = ("benchmarks are not built in: axlora reports eval_loss and, with do_causal_lm_eval, scores of completed "
           "validation rows; run benchmarks (lm-eval) on the merged model")
-_TRACKERS = ("only Weights & Biases (wandb_*), MLflow (mlflow_*) and SwanLab (swanlab_*) are integrated; metrics are "
-             "also in logs/metrics.jsonl")
+_TRACKERS = ("only Weights & Biases (wandb_*), MLflow (mlflow_*), SwanLab (swanlab_*) and OpenTelemetry metrics "
+             "(use_otel_metrics) are integrated; metrics are also in logs/metrics.jsonl")
 
 REJECTED: dict[str, Rejected] = {
     **_rejected(
@@ -194,12 +194,6 @@ REJECTED: dict[str, Rejected] = {
         _FULL_FT + "; use lora_modules_to_save to train whole modules besides the LoRA",
         "lisa_n_layers", "lisa_step_interval", "lisa_layers_attribute", "reinit_weights",
         "random_init_weights",
-    ),
-    **_rejected(
-        "ReLoRA restarts are not supported",
-        "relora", "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio",
-        "relora_prune_method", "relora_cpu_offload", "jagged_restart_steps", "jagged_restart_warmup_steps",
-        "jagged_restart_anneal_steps",
     ),
     **_rejected(
         _PARALLEL,
@@ -228,10 +222,6 @@ REJECTED: dict[str, Rejected] = {
         "qat", "quantization", "fp8",
     ),
     **_rejected("GPTQ-quantized base models are not supported; load the unquantized model with load_in_4bit", "gptq"),
-    **_rejected(
-        "LoftQ initialisation and the torchao QLoRA backend are not supported; QLoRA uses bitsandbytes (load_in_4bit)",
-        "peft",
-    ),
     **_rejected("layer replication changes the architecture; not supported", "peft_layer_replication"),
     **_rejected(_SCHEDULE, "lr_groups"),
     **_rejected(
@@ -283,7 +273,7 @@ REJECTED: dict[str, Rejected] = {
         _TRACKERS,
         "use_comet", "comet_api_key", "comet_workspace", "comet_project_name", "comet_experiment_key", "comet_mode",
         "comet_online", "comet_experiment_config", "use_trackio", "trackio_project_name", "trackio_run_name",
-        "trackio_space_id", "use_otel_metrics", "otel_metrics_host", "otel_metrics_port",
+        "trackio_space_id",
     ),
     **_rejected(
         "PiSSA/OLoRA/LoftQ/EVA-style LoRA initialisation is not supported; axlora uses peft's default",
@@ -341,10 +331,13 @@ PLUGINS: dict[str, Plugin] = {
     "LMEvalPlugin": Plugin("lm-eval benchmarks after training (" + _EVALS + ")", False),
     "GrokfastPlugin": Plugin("Grokfast gradient filtering, which changes the optimization", False),
     "KDPlugin": Plugin("knowledge distillation from a teacher model", False),
-    "DiffusionPlugin": Plugin("diffusion language-model training", False),
+    "DiffusionPlugin": Plugin("masked diffusion language-model training (LLaDA-style)", False, sets="diffusion"),
+    "DiffusionGemmaPlugin": Plugin("block-diffusion fine-tuning of DiffusionGemma", False, sets="block_diffusion"),
     "LLMCompressorPlugin": Plugin("sparse fine-tuning with llm-compressor", False),
     "DenseMixerPlugin": Plugin("MoE router training with DenseMixer", False),
     "SwanLabPlugin": Plugin("SwanLab experiment tracking", False, equivalent="swanlab_project / use_swanlab"),
+    "ExpertParallelPlugin": Plugin("MoE experts split over processes, tokens sent to them", False,
+                                   equivalent="expert_parallel_size"),
 }
 """Axolotl plugins by class name (``axolotl.integrations.liger.LigerPlugin`` -> ``LigerPlugin``)."""
 
@@ -443,8 +436,9 @@ def _plugins(value: Any, out: Translation) -> None:
         plugin = PLUGINS.get(plugin_name(entry))
         if plugin is not None and plugin.sets:
             out.data.setdefault(plugin.sets, True)
+            where = " (used where its package is installed)" if plugin.speed_only else ""
             out.notes.append(("plugins", f"plugin {plugin_name(entry)}: {plugin.what}; axlora reads it as "
-                                         f"{plugin.sets}: true (used where its package is installed)."))
+                                         f"{plugin.sets}: true{where}."))
         elif plugin is None:
             out.problems.append((
                 "plugins",

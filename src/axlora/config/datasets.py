@@ -6,16 +6,23 @@ A dataset key that only some ``type``s read is refused on the other types, never
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from axlora.config.axolotl import DATASET_REFUSED, asks_for_nothing
 from axlora.config.base import StrictModel, known_chat_template
+from axlora.core.errors import UserError
 from axlora.core.suggest import did_you_mean
 
 DatasetType = Literal["alpaca", "chat_template", "sharegpt", "completion", "input_output"]
 DATASET_TYPES: tuple[str, ...] = get_args(DatasetType)
+
+SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+"""Data file suffix -> the file format it says (``ds_type`` names the format of other files)."""
 
 
 LEGACY_TYPES: tuple[str, ...] = (
@@ -43,16 +50,72 @@ _KEYS_OF_TYPE = {"chat_template": _CHAT_KEYS, "sharegpt": _CHAT_KEYS, "completio
 """Dataset keys that only some types read: set on another type, they are an error (never silently ignored)."""
 
 
-class DatasetConfig(StrictModel):
+class DatasetSource(StrictModel):
+    """Where the rows of a ``datasets:`` entry come from: ``path`` (with ``data_files`` inside it), or, as in
+    Axolotl's ``ds_type: json`` + ``data_files`` entries, only ``data_files``: local files read in that order."""
+
+    path: str | None = Field(
+        default=None, description="Local JSON/JSONL/Parquet/CSV/Arrow file or directory, or a Hugging Face dataset "
+        "name; may be left out when data_files names local files.",
+    )
+    data_files: str | list[str] | None = Field(
+        default=None, description="Files to read: inside a local `path` directory, or of a Hub dataset; without "
+        "`path`, local files (or glob patterns), read in the format ds_type names (default: from the suffix).",
+    )
+
+    @model_validator(mode="after")
+    def _path_or_data_files(self):
+        if self.path is None and not self.data_files:
+            raise ValueError("path: required key is missing (or give data_files: the local files to read)")
+        return self
+
+    def file_names(self) -> list[str]:
+        """``data_files`` as a list (empty when unset)."""
+        if self.data_files is None:
+            return []
+        return [self.data_files] if isinstance(self.data_files, str) else list(self.data_files)
+
+    @property
+    def label(self) -> str:
+        """How plans, reports and messages name this dataset: its path, else its data files."""
+        return self.path if self.path is not None else ", ".join(self.file_names())
+
+    def with_local_paths(self, resolve: Callable[[str], str]):
+        """This entry with its local paths made absolute by ``resolve`` (Hub names kept): ``path``, or without
+        one, each data file (for a glob pattern, the directories before its first wildcard)."""
+        if self.path is not None:
+            return self.model_copy(update={"path": resolve(self.path)})
+        files = [_resolve_pattern(name, resolve) for name in self.file_names()]
+        return self.model_copy(update={"data_files": files[0] if isinstance(self.data_files, str) else files})
+
+
+def data_files_location(dataset: DatasetSource) -> str:
+    """``axlora validate``'s word on an entry without ``path``. Its data files are local: a missing one that can only be
+    a local path is an error now; a name that may be a Hub dataset's is refused when the data is read."""
+    missing = [name for name in dataset.file_names() if not glob.glob(str(Path(name).expanduser()))]
+    for name in missing:
+        if Path(name).is_absolute() or name.startswith((".", "~")) or Path(name).suffix in SUFFIX_TYPES:
+            raise UserError(f"data_files: '{name}' not found.")
+    return "local data_files" + (f" (not found here: {', '.join(missing)})" if missing else "")
+
+
+def _resolve_pattern(name: str, resolve: Callable[[str], str]) -> str:
+    if not glob.has_magic(name):
+        return resolve(name)
+    parts = Path(name).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    if fixed == 0:
+        return name
+    return str(Path(resolve(str(Path(*parts[:fixed]))), *parts[fixed:]))
+
+
+class DatasetConfig(DatasetSource):
     """One entry of ``datasets:``: where rows come from and how to turn them into tokens and labels.
 
     Keys follow Axolotl's. Keys that only mean something for some ``type``s are refused on the others, so a
     misplaced key is an error rather than silently ignored.
     """
 
-    path: str = Field(
-        description="Local JSON/JSONL/Parquet/CSV/Arrow file or directory, or a Hugging Face dataset name."
-    )
     type: DatasetType | None = Field(
         default=None,
         description="Row format: alpaca, chat_template, sharegpt, completion, input_output; empty: pre-tokenized "
@@ -60,9 +123,6 @@ class DatasetConfig(StrictModel):
     )
     split: str = Field(
         default="train", description='Split to read; slicing takes part of it: "train[:20%]", "train[:500]".'
-    )
-    data_files: str | list[str] | None = Field(
-        default=None, description="Files to read: inside a local `path` directory, or of a Hub dataset."
     )
     name: str | None = Field(default=None, description="Dataset configuration name (Hugging Face datasets).")
     revision: str | None = Field(default=None, description="Hub dataset revision (commit, tag or branch) to read.")

@@ -110,6 +110,13 @@ class HardwareSettings(StrictModel):
         default=None, description="Axolotl's FSDP version key; axlora always runs FSDP2 (fully_shard)."
     )
     fsdp_config: FsdpConfig | None = Field(default=None, description="FSDP settings; setting it turns FSDP on.")
+    expert_parallel_size: int = Field(
+        default=1, ge=1,
+        description="Expert parallelism for MoE models: each group of this many processes splits every MoE layer's "
+        "experts among its members, and each token travels to the process holding its expert and back (all-to-all); "
+        "1 is off. It must divide the number of processes and the expert count; with data parallelism (DDP), not "
+        "FSDP or DeepSpeed; the experts stay frozen (LoRA on attention and other linear layers).",
+    )
 
     @field_validator("fsdp", mode="before")
     @classmethod
@@ -124,3 +131,26 @@ class HardwareSettings(StrictModel):
 
     def uses_fsdp(self) -> bool:
         return bool(self.fsdp) or self.fsdp_config is not None
+
+    def expert_parallel_problems(self) -> list[str]:
+        """What ``expert_parallel_size`` cannot be combined with; the expert count is checked on the model."""
+        size = self.expert_parallel_size
+        if size == 1:
+            return []
+        problems = []
+        if self.deepspeed or self.uses_fsdp():
+            problems.append(f"expert_parallel_size / {'deepspeed' if self.deepspeed else 'fsdp'}: expert parallelism "
+                            "runs with data parallelism (DDP) only; remove one of them.")
+        world = (self.num_processes or 0) * self.num_machines
+        if world and world % size:
+            problems.append(f"expert_parallel_size / num_processes: {size} does not divide the {world} process(es) "
+                            f"(num_processes x num_machines); use a multiple of {size}.")
+        expert_targets = [name for name in getattr(self, "lora_target_parameters", None) or [] if "experts" in name]
+        if expert_targets:
+            problems.append(f"expert_parallel_size / lora_target_parameters: {', '.join(expert_targets)} would train "
+                            "the experts, which expert parallelism keeps frozen; remove them or set "
+                            "expert_parallel_size: 1.")
+        if getattr(self, "quantize_moe_experts", False):
+            problems.append("expert_parallel_size / quantize_moe_experts: quantized experts are not split over "
+                            "processes; remove one of them.")
+        return problems

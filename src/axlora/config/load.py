@@ -356,7 +356,7 @@ def resolve_paths(config: Config, config_dir: Path) -> Config:
     if config.resume_from_checkpoint not in (None, "auto"):
         updates["resume_from_checkpoint"] = _resolve_local(config.resume_from_checkpoint, config_dir, True)
     datasets = [
-        dataset.model_copy(update={"path": _resolve_local(dataset.path, config_dir, must_be_local=False)})
+        dataset.with_local_paths(lambda value: _resolve_local(value, config_dir, must_be_local=False))
         for dataset in config.datasets
     ]
     updates["datasets"] = datasets

@@ -3,9 +3,9 @@ quantized (QLoRA) base weights."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from axlora.config.base import StrictModel, known_chat_template
 
@@ -237,8 +237,44 @@ class AttentionSettings(StrictModel):
         return None
 
 
+TORCHAO_WEIGHT_DTYPES = ("int4", "nf4", "nvfp4", "int8", "fp8")
+TORCHAO_DTYPE_ALIASES = {"float8": "fp8", "float8_e4m3fn": "fp8"}
+TORCHAO_GROUP_SIZES = {"int4": 128, "int8": 128, "nf4": 64, "nvfp4": 16}
+"""Axolotl's default group size per torchao weight dtype (fp8 is scaled per row)."""
+
+
+class TorchAoQuantization(StrictModel):
+    """``model_quantization_config: {backend: torchao, weight_dtype, group_size}``: Axolotl's torchao QLoRA base."""
+
+    backend: Literal["torchao"] = Field(description="Quantization library: torchao.")
+    weight_dtype: Literal["int4", "nf4", "nvfp4", "int8", "fp8"] = Field(
+        description="Frozen base weight format: int4, nf4 or nvfp4 (4-bit), int8, or fp8 (float8_e4m3fn)."
+    )
+    group_size: int | None = Field(
+        default=None, gt=0,
+        description="Weights sharing one scale; default int4/int8: 128, nf4: 64, nvfp4: 16 (fixed by the format).",
+    )
+
+    @field_validator("weight_dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return TORCHAO_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _group_size_fits(self) -> TorchAoQuantization:
+        if self.group_size is not None and self.weight_dtype == "nvfp4" and self.group_size != 16:
+            raise ValueError("model_quantization_config.group_size: NVFP4 scales blocks of 16 weights; remove it.")
+        if self.group_size is not None and self.weight_dtype == "fp8":
+            raise ValueError("model_quantization_config.group_size: fp8 weights are scaled per row; remove it.")
+        return self
+
+    def effective_group_size(self) -> int | None:
+        return self.group_size or TORCHAO_GROUP_SIZES.get(self.weight_dtype)
+
+
 class QuantizationSettings(StrictModel):
-    """Quantized base weights (QLoRA): the base model loads in 4 or 8 bits with bitsandbytes; LoRA trains on top."""
+    """Quantized base weights (QLoRA): bitsandbytes 4/8-bit (load_in_4bit / load_in_8bit), a transformers
+    quantization config class, or torchao; LoRA trains on top."""
 
     load_in_4bit: bool = Field(
         default=False, description="Load the base model in 4-bit NF4 with double quantization (QLoRA); CUDA only."
@@ -255,28 +291,53 @@ class QuantizationSettings(StrictModel):
         "Each expert is dequantized when read, and lora_target_parameters trains a LoRA on them as on "
         "full-precision experts.",
     )
-    model_quantization_config: str | None = Field(
+    model_quantization_config: str | TorchAoQuantization | None = Field(
         default=None,
         description="A transformers quantization config class to load the base with, e.g. Mxfp4Config (gpt-oss; "
-        "with model_quantization_config_kwargs: {dequantize: true} the MXFP4 experts load dequantized).",
+        "with model_quantization_config_kwargs: {dequantize: true} the MXFP4 experts load dequantized); or "
+        "{backend: torchao, weight_dtype: int4|nf4|nvfp4|int8|fp8, group_size} for a torchao-quantized frozen base "
+        "(Axolotl's torchao QLoRA: weights stored quantized, read dequantized in the run's dtype; int4 is refused "
+        "when training: it needs torchao's CUDA kernels and peft has no LoRA over torchao int4 weights).",
     )
     model_quantization_config_kwargs: dict[str, Any] | None = Field(
         default=None, description="Arguments of model_quantization_config's class, e.g. {dequantize: true}."
     )
 
+    @field_validator("model_quantization_config", mode="before")
+    @classmethod
+    def _read_torchao_block(cls, value: Any) -> Any:
+        """A mapping is the torchao block: report its own problems, not that it is not a class name."""
+        if not isinstance(value, dict):
+            return value
+        try:
+            return TorchAoQuantization.model_validate(value)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(part) for part in error['loc']) or 'block'}: "
+                                 f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+            raise ValueError(f"the torchao block {{backend: torchao, weight_dtype, group_size}}: {problems}") from None
+
     @model_validator(mode="after")
     def _one_quantization(self) -> QuantizationSettings:
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit / load_in_8bit: choose one of them, not both.")
-        if self.model_quantization_config_kwargs and not self.model_quantization_config:
+        if self.model_quantization_config_kwargs and not isinstance(self.model_quantization_config, str):
             raise ValueError("model_quantization_config_kwargs: needs model_quantization_config (the class they are "
                              "for, e.g. Mxfp4Config).")
         if self.model_quantization_config and (self.load_in_4bit or self.load_in_8bit):
             raise ValueError("model_quantization_config / load_in_4bit / load_in_8bit: choose one quantization.")
-        if self.model_quantization_config and not self.model_quantization_config.endswith("Config"):
+        if isinstance(self.model_quantization_config, str) and not self.model_quantization_config.endswith("Config"):
             raise ValueError(f"model_quantization_config: name a transformers quantization config class such as "
                              f"Mxfp4Config, not '{self.model_quantization_config}'.")
+        sharded = getattr(self, "deepspeed", None) or getattr(self, "uses_fsdp", lambda: False)()
+        if self.torchao_quantization() and sharded:
+            raise ValueError("model_quantization_config / fsdp / deepspeed: a torchao-quantized base trains on one "
+                             "process or with DDP (num_processes); remove the sharding.")
         return self
+
+    def torchao_quantization(self) -> TorchAoQuantization | None:
+        """The torchao base quantization, when ``model_quantization_config`` asks for one."""
+        config = self.model_quantization_config
+        return config if isinstance(config, TorchAoQuantization) else None
 
     # adapter: qlora implies a 4-bit base; that rule and quantization_bits() read the adapter key, so they live
     # on Config.

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from axlora.config.base import StrictModel, known_chat_template
-from axlora.config.datasets import DatasetConfig, DataSettings
+from axlora.config.datasets import DatasetConfig, DatasetSource, DataSettings
 from axlora.core.suggest import did_you_mean
 
 RlMethod = Literal["dpo", "ipo", "simpo", "orpo", "kto"]
@@ -31,6 +31,7 @@ DPO_LOSS_TYPES: tuple[str, ...] = get_args(DpoLossType)
 PAIR_TYPES: tuple[str, ...] = (
     "chat_template.default", "chatml.intel", "chatml.argilla", "chatml.ultra", "chatml.prompt_pairs",
     "llama3.intel", "llama3.argilla", "llama3.ultra", "llama3.prompt_pairs", "user_defined.default",
+    "chatml.argilla_chat", "llama3.argilla_chat", "chat_template.argilla_chat",
 )
 """Axolotl's preference types for chosen / rejected pairs (DPO, IPO, SimPO, ORPO)."""
 
@@ -48,14 +49,12 @@ PREFERENCE_TYPES: tuple[str, ...] = tuple(dict.fromkeys(PAIR_TYPES + ORPO_TYPES 
 _PREFERENCE_PREFIXES = ("chat_template.", "chatml.", "llama3.", "user_defined.")
 
 
-class PreferenceDatasetConfig(StrictModel):
+class PreferenceDatasetConfig(DatasetSource):
     """One ``datasets:`` entry of preference rows: a prompt with a chosen and a rejected answer (KTO: one
     completion and a label). Where rows come from is read as for supervised datasets."""
 
-    path: str = Field(description="Local JSON/JSONL/Parquet/CSV/Arrow file or directory, or a Hugging Face dataset.")
     type: str = Field(description="Preference row format: " + ", ".join(PREFERENCE_TYPES) + ".")
     split: str = Field(default="train", description='Split to read; slicing takes part of it: "train[:20%]".')
-    data_files: str | list[str] | None = Field(default=None, description="Files to read inside `path` or of a Hub dataset.")
     name: str | None = Field(default=None, description="Dataset configuration name (Hugging Face datasets).")
     revision: str | None = Field(default=None, description="Hub dataset revision to read.")
     ds_type: Literal["json", "parquet", "csv", "arrow", "text"] | None = Field(

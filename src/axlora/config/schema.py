@@ -13,13 +13,16 @@ keys of more than one section live on ``Config``. The names other code imports f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import ConfigDict, model_validator
 
 from axlora.config.adapter_keys import AdapterSettings, PeftSettings
 from axlora.config.axolotl import noop_schema_properties
+from axlora.config.block_diffusion_keys import BlockDiffusionSettings
 from axlora.config.datasets import DataSettings
+from axlora.config.diffusion_keys import DiffusionKeys
 from axlora.config.hardware import HardwareSettings
 from axlora.config.kernel_keys import KernelSettings
 from axlora.config.model_keys import (
@@ -29,6 +32,7 @@ from axlora.config.model_keys import (
     TokenizerSettings,
 )
 from axlora.config.preference_keys import PreferenceSettings
+from axlora.config.relora_keys import ReLoRASettings
 from axlora.config.tracking import HubSettings, LoggingSettings
 from axlora.config.training_keys import (
     BatchingSettings,
@@ -41,6 +45,9 @@ from axlora.config.training_keys import (
 
 class Config(
     # pydantic lists fields from the last base to the first: core keys first, Axolotl extras after
+    BlockDiffusionSettings,
+    DiffusionKeys,
+    ReLoRASettings,
     KernelSettings,
     PreferenceSettings,  # before DataSettings: its ``datasets`` also takes preference entries
     HardwareSettings,
@@ -189,7 +196,9 @@ class Config(
             problems.append("val_set_size: a row count must be a whole number (or a fraction below 1).")
         problems += self._linearized_expert_problems()
         problems += self._fsdp_problems()
+        problems += self.expert_parallel_problems()
         problems += self.preference_problems()
+        problems += self.relora_problems()
         if self.rl and self.sample_packing:
             problems.append(f"sample_packing / rl: {self.rl} sets each chosen answer against its rejected one in a "
                             "batch; pairs are not packed: set sample_packing: false.")
@@ -258,7 +267,9 @@ class Config(
     def derived_warmup_steps(self, total_steps: int) -> int:
         """Warm-up steps from ``warmup_steps`` or ``warmup_ratio`` (0 when neither is set)."""
         if self.warmup_steps is not None:
-            return self.warmup_steps
+            if 0 < self.warmup_steps < 1:
+                return math.ceil(self.warmup_steps * total_steps)
+            return int(self.warmup_steps)
         if self.warmup_ratio is not None:
             return int(round(self.warmup_ratio * total_steps))
         return 0

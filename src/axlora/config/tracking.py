@@ -1,4 +1,5 @@
-"""The tracking keys: experiment trackers (Weights & Biases, MLflow, SwanLab) and publishing to the Hugging Face Hub."""
+"""The tracking keys: experiment trackers (Weights & Biases, MLflow, SwanLab), OpenTelemetry metrics on a Prometheus
+endpoint, and publishing to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from axlora.config.base import StrictModel
 
 
 class LoggingSettings(StrictModel):
-    """Experiment trackers (Weights & Biases, MLflow, SwanLab): used only when asked for; axlora sends nothing itself."""
+    """Experiment trackers (Weights & Biases, MLflow, SwanLab) and the metrics endpoint: used only when asked for;
+    axlora sends nothing itself."""
 
     use_wandb: bool | None = Field(default=None, description="Log to Weights & Biases (default: when wandb_project is set).")
     wandb_project: str | None = Field(default=None, description="W&B project; setting it turns W&B logging on.")
@@ -48,6 +50,22 @@ class LoggingSettings(StrictModel):
         default=None, description="cloud (sync to SwanLab; needs SWANLAB_API_KEY or `swanlab login`), local (files "
         "for `swanlab watch`), offline (files to upload later with `swanlab sync`), or disabled. Files go to "
         "output_dir/swanlog unless SWANLAB_LOG_DIR names a directory. Default: SwanLab's own (SWANLAB_MODE, else cloud).",
+    )
+    use_otel_metrics: bool = Field(
+        default=False, description="Serve the training metrics as OpenTelemetry metrics on a Prometheus endpoint, "
+        "http://otel_metrics_host:otel_metrics_port/metrics, from the main process while the run is alive: Axolotl's "
+        "axolotl_train_loss, axolotl_eval_loss (and every other eval figure as axolotl_eval_*), "
+        "axolotl_learning_rate, axolotl_epoch, axolotl_gradient_norm and the counter axolotl_global_steps_total, "
+        "updated at each logged step. Needs pip install 'axlora[otel]'.",
+    )
+    otel_metrics_host: str = Field(
+        default="localhost", min_length=1,
+        description="Address the metrics endpoint listens on (0.0.0.0: every interface; default localhost).",
+    )
+    otel_metrics_port: int = Field(
+        default=8000, ge=0, le=65535,
+        description="Port of the metrics endpoint (default 8000; 0: a free port, printed when the run starts). A port "
+        "already in use stops the run at its start.",
     )
 
     def wandb_enabled(self) -> bool:

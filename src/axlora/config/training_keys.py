@@ -51,7 +51,9 @@ class TrainingSettings(StrictModel):
         default=None, gt=0, description="With lr_scheduler: one_cycle, start at learning_rate / lr_div_factor "
         "(OneCycleLR's div_factor; default 25).",
     )
-    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int | float | None = Field(
+        default=None, ge=0, description="Linear warm-up steps; below 1, a fraction of the steps (as transformers 5)."
+    )
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Warm-up as a fraction of steps.")
     lr_quadratic_warmup: bool = Field(
         default=False, description="With lr_scheduler: cosine, warm up quadratically ((step/warmup)^2) instead of "

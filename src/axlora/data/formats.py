@@ -114,7 +114,7 @@ def _chat(dataset: DatasetConfig, config: Config, tokenizer, index: int) -> RowF
     try:
         template = choose_template(setting, jinja, _tokenizer_template(tokenizer))
     except TemplateChoiceError as exc:
-        raise UserError(f"datasets[{index}] ({dataset.path}): {exc}.") from None
+        raise UserError(f"datasets[{index}] ({dataset.label}): {exc}.") from None
     markers = end_of_turn_markers(tokenizer, template, config.eot_tokens)
     ends = TurnEnds(
         eos=tokenizer.eos_token, markers=frozenset(markers), train_on_eos=dataset.train_on_eos,

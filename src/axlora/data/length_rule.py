@@ -81,7 +81,7 @@ def untrained_datasets(config: Config, kept: np.ndarray, counts: dict[str, np.nd
         if dataset.type in ("chat_template", "sharegpt") and empty:
             hint = f"; check roles_to_train {dataset.roles_to_train} against the roles the data uses"
         lines.append(
-            f"datasets[{index}] ({dataset.path}) adds no trainable sample: of {taken[index]:,} rows, {too_long:,} were "
+            f"datasets[{index}] ({dataset.label}) adds no trainable sample: of {taken[index]:,} rows, {too_long:,} were "
             f"too long for sequence_len {config.sequence_len} and {empty:,} had nothing to train{hint}."
         )
     return lines

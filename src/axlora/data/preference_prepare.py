@@ -53,7 +53,7 @@ def renderer_for(config: Config, dataset: PreferenceDatasetConfig, tokenizer, in
     try:
         chosen = choose_template(setting, config.chat_template_jinja, getattr(tokenizer, "chat_template", None))
     except TemplateChoiceError as exc:
-        raise UserError(f"datasets[{index}] ({dataset.path}): {exc}.") from None
+        raise UserError(f"datasets[{index}] ({dataset.label}): {exc}.") from None
     return PromptRenderer(tokenizer, chosen.text)
 
 
@@ -72,7 +72,7 @@ def _examples(config: Config, index: int) -> list[tuple[PreferenceExample, str]]
     if problems:
         raise UserError(problem_list(problems, "rows"))
     if not examples:
-        raise UserError(f"datasets[{index}] ({dataset.path}): no rows to train on.")
+        raise UserError(f"datasets[{index}] ({dataset.label}): no rows to train on.")
     return examples
 
 

@@ -11,7 +11,10 @@ render with (``PreferenceDatasetConfig.template_setting``), so both read the sam
 * ``chat_template.default``: the prompt's messages in ``field_messages``, each answer in ``field_chosen`` /
   ``field_rejected`` as text, a message or a message list (its last message is the answer);
 * ``user_defined.default``: ``field_prompt``, ``field_system``, ``field_chosen``, ``field_rejected``;
-* ``chat_template.argilla`` (ORPO, rendered with the run's template): ``chosen`` and ``rejected`` are whole
+* ``*.argilla_chat``: ``chosen`` and ``rejected`` are conversations; the first user message is the prompt and the
+  message after it each answer (Argilla's dpo-mix sets, read as Axolotl reads them);
+* ``chat_template.argilla`` and ``chat_template.argilla_chat`` (rendered with the run's template): ``chosen`` and
+  ``rejected`` are whole
   conversations (user, assistant, user, ...) whose last messages are the answers; the prompt is the chosen
   conversation before its last answer, after ``system`` (optional), with ``prompt`` (when given) as its last user
   message, as Argilla's UltraFeedback sets write it.
@@ -131,11 +134,27 @@ def _argilla_conversations(row: Mapping[str, Any]) -> PreferenceExample:
     return PreferenceExample(prompt, _answer(chosen, "chosen"), _answer(rejected, "rejected"))
 
 
+def _argilla_first_exchange(row: Mapping[str, Any]) -> PreferenceExample:
+    """``chatml/llama3.argilla_chat``, as Axolotl reads them: the first user message and each first answer."""
+    chosen, rejected = _chat_pair(row, "chosen"), _chat_pair(row, "rejected")
+    prompt = [{"role": "user", "content": content_text(chosen[0].get("content"), "chosen[0].content")}]
+    return PreferenceExample(prompt, _answer(chosen[1], "chosen[1]"), _answer(rejected[1], "rejected[1]"))
+
+
+def _chat_pair(row: Mapping[str, Any], field: str) -> list[Mapping[str, Any]]:
+    value = row.get(field)
+    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(m, Mapping) for m in value[:2]):
+        raise RowFormatError(field, f"field '{field}' must be a list of messages: the user's, then the assistant's")
+    return value
+
+
 def pair_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]], PreferenceExample]:
     """The reader of a chosen / rejected pair for the dataset's type."""
     kind = dataset.type.split(".", 1)[1]
-    if dataset.type == "chat_template.argilla":
+    if dataset.type in ("chat_template.argilla", "chat_template.argilla_chat"):
         return _argilla_conversations
+    if kind == "argilla_chat":
+        return _argilla_first_exchange
     if dataset.type == "chat_template.default":
         prompt = _messages(dataset)
         content_key = (dataset.message_property_mappings or {}).get("content", "content")
@@ -157,9 +176,7 @@ def pair_reader(dataset: PreferenceDatasetConfig) -> Callable[[Mapping[str, Any]
 
 def _chat_completion(row: Mapping[str, Any], field: str) -> list[Message]:
     """argilla_chat: ``completion`` holds the conversation, the user's message then the assistant's."""
-    value = row.get(field)
-    if not isinstance(value, list) or len(value) < 2 or not all(isinstance(m, Mapping) for m in value[:2]):
-        raise RowFormatError(field, f"field '{field}' must be a list of two messages (user, then assistant)")
+    value = _chat_pair(row, field)
     return [{"role": "user", "content": content_text(value[0].get("content"), f"{field}[0].content")}]
 
 

@@ -192,7 +192,7 @@ def _report(config: Config, formats: Sequence[RowFormat], sources: Sequence[Sour
     per_dataset = []
     for index, (dataset, source) in enumerate(zip(config.datasets, sources, strict=True)):
         entry = {
-            "path": dataset.path, "type": formats[index].name, "split": dataset.split,
+            "path": dataset.label, "type": formats[index].name, "split": dataset.split,
             "rows_read": source.rows_read, "rows_taken": len(source.rows),
             "train_rows": int(train.kept[index]), "val_rows": int(val.kept[index]),
             "length_strategy": config.length_strategy(dataset),

@@ -6,7 +6,8 @@ once as a stream to find its rows (JSON Lines and CSV line by line, a JSON array
 a batch at a time), and rows are read by position when they are tokenized (``row_readers.py``); Arrow files
 and Hub datasets (Arrow-backed) are memory-mapped. Suffixes: .jsonl/.json (JSON Lines or a JSON array of objects), .parquet, .csv (every value is
 text, as a format expects), .arrow (Arrow IPC, as ``datasets`` saves), .txt (one ``text`` row per line);
-``ds_type`` names the format of files whose suffix does not.
+``ds_type`` names the format of files whose suffix does not. An entry without ``path`` reads its ``data_files``:
+local files (or glob patterns), in the order given.
 
 ``split`` works as in ``datasets``: local files hold one split, ``train``, and a slice takes part of it
 (``train[:20%]``, ``train[100:600]``, ``train[-10%:]``; percentages round to the closest row). A dataset's
@@ -16,6 +17,7 @@ run and does not change when other datasets are added.
 
 from __future__ import annotations
 
+import glob
 import json
 import random
 import re
@@ -26,14 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from axlora.config.datasets import DatasetConfig
+from axlora.config.datasets import SUFFIX_TYPES, DatasetConfig
 from axlora.core.errors import UserError
 from axlora.data.json_array import JsonArrayRows
 from axlora.data.line_rows import CsvRows, TextLinesRows
 from axlora.data.row_readers import BOM, ArrowRows, ConcatRows, JsonLinesRows, Progress, RowsView
 from axlora.data.row_readers import problem_list as problem_list  # where callers have found it
 
-SUFFIX_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
 _SPLIT_RE = re.compile(r"^(?P<split>\w[\w.-]*)(\[(?P<from>-?\d+%?)?:(?P<to>-?\d+%?)?\])?$")
 
 
@@ -65,6 +66,8 @@ class Source:
 
 def local_files(dataset: DatasetConfig) -> list[Path]:
     """The local files a dataset entry reads (empty for a Hub dataset); errors name the path."""
+    if dataset.path is None:
+        return _checked(named_data_files(dataset), dataset)
     path = Path(dataset.path)
     if not path.exists():
         if path.is_absolute() or dataset.path.startswith((".", "~")) or path.suffix in SUFFIX_TYPES:
@@ -88,6 +91,28 @@ def local_files(dataset: DatasetConfig) -> list[Path]:
             raise UserError(
                 f"{path}: no data files in this directory (.jsonl, .json, .parquet, .csv, .arrow, .txt)."
             )
+    return _checked(files, dataset)
+
+
+def named_data_files(dataset: DatasetConfig) -> list[Path]:
+    """The files of an entry without ``path``: each of its ``data_files`` in order, a glob pattern's matches sorted."""
+    files: list[Path] = []
+    for name in dataset.file_names():
+        local = Path(name).expanduser()
+        if glob.has_magic(name):
+            matches = sorted(Path(found) for found in glob.glob(str(local)) if Path(found).is_file())
+        else:
+            matches = [local] if local.is_file() else []
+        if not matches:
+            what = "is a directory (give it as path)" if local.is_dir() else "not found"
+            raise UserError(f"{name}: dataset file {what}; data_files without path are local files (a Hugging Face "
+                            "dataset's files need path: <dataset name>).")
+        files.extend(match for match in matches if match not in files)
+    return files
+
+
+def _checked(files: list[Path], dataset: DatasetConfig) -> list[Path]:
+    """``files``, once each is known to have a format and to be readable."""
     for file in files:
         _file_type(file, dataset)
         try:
@@ -105,14 +130,14 @@ def load_source(dataset: DatasetConfig, seed: int, progress: Progress = None) ->
     source = _read_local(dataset, files, progress) if files else _read_hub(dataset)
     positions = np.arange(source.rows_read, dtype=np.int64)
     if files:
-        start, stop = split_range(dataset.split, source.rows_read, where=dataset.path)
+        start, stop = split_range(dataset.split, source.rows_read, where=dataset.label)
         positions = positions[start:stop]
     if dataset.shards is not None:
         start, stop = shard_range(len(positions), dataset.shards, dataset.shards_idx or 0)
         positions = positions[start:stop]
     if dataset.sample is not None:
         count = sample_count(dataset.sample, len(positions))
-        picked = sorted(random.Random(f"{seed}:{dataset.path}").sample(range(len(positions)), count))
+        picked = sorted(random.Random(f"{seed}:{dataset.label}").sample(range(len(positions)), count))
         positions = positions[np.asarray(picked, dtype=np.int64)]
     source.positions = positions
     return source

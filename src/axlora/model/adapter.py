@@ -64,6 +64,10 @@ def attach_adapter(model, config: Config, choice: AdapterChoice, log=print):
                         "fused expert parameters (target_parameters), which linearizing replaces; continue it without "
                         "llama4_linearized_experts, with lora_target_parameters on the fused experts.")
     peft_model = _attach(model, config, choice, log)
+    if config.loftq() is not None or choice.case == "continue":
+        from axlora.model.loftq import use_loftq_base
+
+        use_loftq_base(peft_model, config, choice.adapter_dir if choice.case == "continue" else None, log)
     if config.quantize_moe_experts:
         from axlora.model.expert_quant import keep_packed_experts_local
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
+from axlora.model.diffusion_gemma import diffusion_gemma_class, prepare_diffusion_gemma
 from axlora.model.kernels import apply_kernels, hub_kernels_kwargs
 from axlora.model.machine import require_attention_support, require_quantization_support
 from axlora.model.multimodal import train_text_only
@@ -25,7 +26,8 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
     """
     source = resolve_base_model(config.base_model)
     kwargs = model_load_kwargs(config, dtype, source, log)
-    model_cls = transformers_class(config.model_type or "AutoModelForCausalLM", "model_type")
+    model_cls = transformers_class(config.model_type or diffusion_gemma_class(config) or "AutoModelForCausalLM",
+                                   "model_type")
     try:
         model = _empty_model(model_cls, source, kwargs) if empty else _from_pretrained(model_cls, source, kwargs, config)
     except OSError as exc:
@@ -35,6 +37,7 @@ def load_base_model(config: Config, dtype, tokenizer=None, log: Callable[[str], 
     model = apply_kernels(model, config, log)
     _reshape_model(model, config, log)
     train_text_only(model, config.model_type, log)
+    prepare_diffusion_gemma(model, config, log)
     if tokenizer is None:
         tokenizer = load_tokenizer(config, log=lambda _message: None)
     # new rows of an empty model get their values from the loading rank: nothing to compute them from here
@@ -82,6 +85,10 @@ def _reshape_model(model, config: Config, log: Callable[[str], None]) -> None:
         from axlora.model.expert_quant import quantize_moe_experts
 
         quantize_moe_experts(model, config.quantization_bits(), log)
+    if config.torchao_quantization() and config.torchao_quantization().weight_dtype == "nf4":
+        from axlora.model.torchao_quant import quantize_to_nf4
+
+        quantize_to_nf4(model, config.torchao_quantization(), log)
 
 
 def _keep_cpu_4bit_layers_differentiable(model) -> None:
@@ -140,7 +147,13 @@ def model_load_kwargs(config: Config, dtype, source: str, log: Callable[[str], N
             kwargs["device_map"] = {"": _quantized_device()}
         log(f"quantization: base weights in {'4-bit NF4 (double quantization)' if bits == 4 else '8-bit'}, "
             f"compute in {str(dtype).replace('torch.', '')}")
-    if config.model_quantization_config:
+    if config.torchao_quantization():
+        from axlora.model.torchao_quant import require_torchao_support, torchao_load_kwargs
+
+        require_torchao_support(config)
+        kwargs.update(torchao_load_kwargs(config.torchao_quantization(), source, config.trust_remote_code, log))
+        kwargs["device_map"] = {"": _quantized_device()}  # torchao quantizes on the device the weights land on
+    elif config.model_quantization_config:
         kwargs["quantization_config"] = quantization_config_object(config)
         log(f"quantization: {config.model_quantization_config}({config.model_quantization_config_kwargs or {}})")
     # router_aux_loss_coef is the model config's weight of its router loss (used where a step asks for it)

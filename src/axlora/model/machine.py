@@ -52,6 +52,12 @@ def require_machine_support(config: Config) -> None:
     bits = config.quantization_bits()
     if bits:
         require_quantization_support(config, bits)
+    if config.torchao_quantization() or config.loftq():
+        from axlora.model.loftq import require_loftq_support
+        from axlora.model.torchao_quant import require_torchao_support
+
+        require_torchao_support(config)
+        require_loftq_support(config)
 
 
 def _attention_key(config: Config) -> str:

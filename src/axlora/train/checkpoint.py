@@ -90,7 +90,7 @@ _OPTIMIZER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "warmup_rati
 
 
 def _describe_dataset(dataset) -> str:
-    text = f"{dataset.path} ({dataset.type}, split {dataset.split}"
+    text = f"{dataset.label} ({dataset.type}, split {dataset.split}"
     text += f", files {dataset.data_files}" if dataset.data_files else ""
     text += f", name {dataset.name}" if dataset.name else ""
     return text + ")"

@@ -1,8 +1,9 @@
-"""Experiment trackers (Weights & Biases, MLflow, SwanLab) and the Hugging Face Hub push, when a config asks for them.
+"""Experiment trackers (Weights & Biases, MLflow, SwanLab), the OpenTelemetry metrics endpoint and the Hugging Face
+Hub push, when a config asks for them.
 
 They are optional: nothing is imported, started or sent unless the config names it (``wandb_project``,
-``mlflow_tracking_uri``/``mlflow_experiment_name``, ``swanlab_project``, ``hub_model_id``), and axlora itself sends no
-telemetry. A config that asks for one where its package (or a Hub token) is missing fails when the run
+``mlflow_tracking_uri``/``mlflow_experiment_name``, ``swanlab_project``, ``use_otel_metrics``, ``hub_model_id``), and
+axlora itself sends no telemetry. A config that asks for one where its package (or a Hub token) is missing fails when the run
 starts, with a ``UserError`` saying what to install, not hours later at the first log call or the push.
 
 The training loop uses one object::
@@ -27,6 +28,7 @@ from typing import Any
 
 from axlora.config.schema import Config
 from axlora.core.errors import UserError
+from axlora.train.otel_metrics import OtelMetricsRun
 
 Log = Callable[[str], None]
 
@@ -279,4 +281,6 @@ def start_integrations(config: Config, model=None, log: Log = print, enabled: bo
         runs.append(MlflowRun(config, log))
     if config.swanlab_enabled():
         runs.append(SwanLabRun(config, log))
+    if config.use_otel_metrics:
+        runs.append(OtelMetricsRun(config, log))
     return Integrations(config, runs, log, enabled=True)

@@ -9,6 +9,7 @@ from axlora.config.schema import Config
 from axlora.model.adapter import attach_adapter, effective_adapter_settings
 from axlora.model.adapter_choice import AdapterChoice
 from axlora.model.load import load_base_model
+from axlora.train.expert_parallel_setup import place_experts
 from axlora.train.fsdp import materialize_empty
 from axlora.train.precision import Precision
 from axlora.train.runtime import Runtime
@@ -26,6 +27,7 @@ def load_model(config: Config, runtime: Runtime, tokenizer, adapter: AdapterChoi
     # (DeepSpeed ZeRO-3 loads the base partitioned, which draws differently)
     set_seed(config.seed)
     model = attach_adapter(model, config, adapter, runtime.say)
+    place_experts(model, runtime.expert_group, runtime.say)  # expert_parallel_size: this process's experts only
     if empty:
         materialize_empty(model)
     return model

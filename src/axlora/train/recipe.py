@@ -26,10 +26,17 @@ from axlora.core.layout import RunLayout
 from axlora.model.adapter_choice import AdapterChoice, resolve_adapter
 from axlora.model.machine import require_machine_support
 from axlora.train import checkpoint as ckpt
+from axlora.train.block_diffusion import (
+    BlockDiffusionObjective,
+    block_diffusion_evaluate,
+    block_diffusion_step,
+    start_block_diffusion,
+)
 from axlora.train.causal_lm_eval import CausalLMEval, start_causal_lm_eval
 from axlora.train.completions import generate_completions, sample_prompt_texts
 from axlora.train.data_order import DataOrder
 from axlora.train.data_setup import TrainingData, check_eval_settings, lay_out_rows, prepare_rows
+from axlora.train.diffusion import start_diffusion
 from axlora.train.divergence import check_step, weights_finite
 from axlora.train.early_stopping import EarlyStopping
 from axlora.train.eval_table import EvalTable, start_eval_table
@@ -58,6 +65,8 @@ from axlora.train.preference_step import (
 )
 from axlora.train.pretraining_rows import corpus_prompt_texts, stream_order
 from axlora.train.progress import Progress
+from axlora.train.relora import ReLoRA, cumulative_adapter, save_run_adapter, start_relora
+from axlora.train.relora_schedule import with_jagged_restarts
 from axlora.train.resume import Resume, decide_resume, load_checkpoint_adapter, restore_training_state
 from axlora.train.router_aux import router_aux_coefficient
 from axlora.train.runtime import Runtime, start_runtime
@@ -130,6 +139,8 @@ class TrainingRun:
     causal_eval: CausalLMEval | None = None  # do_causal_lm_eval: completions of validation rows, scored
     eval_table: EvalTable | None = None  # eval_table_size: predictions for validation rows at each evaluation
     router_aux: float | None = None  # router_aux_loss_coef: the MoE router loss's weight in the training loss
+    block_diffusion: BlockDiffusionObjective | None = None  # block_diffusion: DiffusionGemma's canvas objective
+    relora: ReLoRA | None = None  # relora: merges of the LoRA into the base at each restart
 
     def __init__(self, config: Config, log=print, stop: StopRequests | None = None):
         self.config = config
@@ -171,6 +182,8 @@ class TrainingRun:
         if self.resume.resuming and not loads_adapter_after_reference(self.objective):
             load_checkpoint_adapter(self.resume, self.model)  # into the plain peft model, before wrapping
         self.model, self.parallel = self.runtime.wrap(self.model, optimizer)
+        self.relora = start_relora(config, self.unwrapped, self.resume.checkpoint,
+                                   (self.resume.state or {}).get("step", 0), self.say)
         if self.objective is not None:  # FSDP / ZeRO-3: the reference now that the weights are placed
             attach_deferred_reference(config, self.objective, self.unwrapped, self.data, self.runtime, self.resume)
         self.prompts = (preference_prompt_texts if config.rl else corpus_prompt_texts if config.pretraining_dataset
@@ -187,6 +200,8 @@ class TrainingRun:
             self.objective = build_objective(self.config, self.model, self.adapter, self.data, self.runtime)
         self.loss_mode = no_loss_patch if self.config.rl else choose_loss(self.config, self.model, self.say)
         self.router_aux = router_aux_coefficient(self.config, self.model)
+        self.block_diffusion = start_block_diffusion(self.config, self.model, self.data.tokenizer, self.say)
+        start_diffusion(self.config, self.model, self.data, self.say)  # diffusion: its loss and noising collators
         self.config_as_trained = config_as_trained(self.config, self.model, self.adapter)
         self.say(parameters_line(self.model, self.runtime.precision))
 
@@ -198,7 +213,7 @@ class TrainingRun:
         self.total_steps = self.order.total_steps(config.num_epochs, config.max_steps)
         optimizer_cls, optimizer_kwargs = self.runtime.optimizer_choice
         optimizer = build_optimizer(self.model, config, optimizer_cls, optimizer_kwargs, self.say)
-        self.scheduler = build_lr_scheduler(optimizer, config, self.total_steps)
+        self.scheduler = with_jagged_restarts(build_lr_scheduler(optimizer, config, self.total_steps), optimizer, config)
         return optimizer
 
     def _restore_training_state(self) -> None:
@@ -248,6 +263,8 @@ class TrainingRun:
         for step in range(self.counters.start_step, total):
             row = self._step(step)
             done = self.counters.step
+            if self.relora is not None:
+                self.relora.after_step(done, total, self.parallel.optimizer)
             if self.data.val_rows and evaluates_at(config, done, total, steps_per_epoch):
                 row = {**(row or {"step": done}), **self._evaluate(done)}
             if row is not None:
@@ -268,6 +285,9 @@ class TrainingRun:
         if self.objective is not None:
             result = preference_step(self.objective, self.model, self.parallel, self.order, step, self.data.train_rows,
                                      self.data.collate, self.config.max_grad_norm)
+        elif self.block_diffusion is not None:
+            result = block_diffusion_step(self.block_diffusion, self.model, self.parallel, self.order, step,
+                                          self.data.train_rows, self.config.max_grad_norm)
         else:
             result = train_step(self.model, self.parallel, self.order, step, self.data.train_rows, self.data.collate,
                                 self.config.max_grad_norm, self.loss_mode, self.router_aux)
@@ -313,6 +333,9 @@ class TrainingRun:
         if self.objective is not None:
             row = preference_evaluate(self.objective, self.model, self.runtime.accelerator, self.data.val_rows,
                                       self.data.val_collate, self.config.micro_batch_size)
+        elif self.block_diffusion is not None:
+            row = {"eval_loss": block_diffusion_evaluate(self.block_diffusion, self.model, self.runtime.accelerator,
+                                                         self.data.val_rows, self.config.micro_batch_size)}
         else:
             row = {"eval_loss": evaluate(self.model, self.runtime.accelerator, self.data.val_rows,
                                          self.data.val_collate, self.config.micro_batch_size),
@@ -349,7 +372,7 @@ class TrainingRun:
         counters = self.counters
         ckpt.save_checkpoint(
             self.layout.root, counters.step, parallel=self.parallel,
-            save_adapter=lambda directory: ckpt.save_adapter(self.unwrapped, directory),
+            save_adapter=lambda directory: save_run_adapter(self.unwrapped, directory, self.relora),
             scheduler=self.scheduler, config=self.config_as_trained, resume_key=self.resume.key,
             extra_state={**self.data.stream_state(counters.step * self.order.rows_per_step),
                          "totals": counters.totals, "total_steps": self.total_steps,
@@ -371,7 +394,7 @@ class TrainingRun:
                 early.restore_best(self.unwrapped)
             self.say(early.best_line(self.counters.step))
         summary = build_summary(self, completions_after=self._complete_prompts())
-        with self.parallel.gathered_adapter():
+        with self.parallel.gathered_adapter(), cumulative_adapter(self.relora, self.unwrapped):
             if runtime.is_main:
                 write_final(self.layout.final, self.unwrapped, self.data.tokenizer, self.config_as_trained, summary)
         if runtime.is_main:

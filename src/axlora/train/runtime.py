@@ -9,6 +9,7 @@ from typing import Any
 from axlora.config.fsdp import FsdpSettings, fsdp_settings
 from axlora.config.schema import Config
 from axlora.train.deepspeed import DeepSpeedSetup
+from axlora.train.expert_parallel_setup import start_expert_groups
 from axlora.train.integrations import Integrations, start_integrations
 from axlora.train.neftune import check_neftune
 from axlora.train.optim import resolve_optimizer, scheduler_arguments
@@ -27,6 +28,7 @@ class Runtime:
     fsdp: FsdpSettings | None
     integrations: Integrations
     say: Callable[[str], None]
+    expert_group: Any = None  # expert_parallel_size: this process's group (``train.expert_parallel_setup``)
 
     @property
     def is_main(self) -> bool:
@@ -43,6 +45,8 @@ class Runtime:
     def wrap(self, model, optimizer) -> tuple[Any, DataParallel]:
         """The model and optimizer prepared for this run's kind of parallelism (DDP, ZeRO or FSDP)."""
         model, parallel = prepare_parallel(self.accelerator, model, optimizer, self.zero_stage, self.fsdp)
+        if self.expert_group is not None:  # each forward exchanges tokens: every rank runs as many forwards
+            parallel.sharded_weights = True
         if self.fsdp:
             self.say(_sharding_line(self.fsdp, parallel.figures, self.world_size))
         return model, parallel
@@ -57,6 +61,7 @@ def start_runtime(config: Config, log: Callable[[str], None]) -> Runtime:
     deepspeed = deepspeed_setup(config, precision.name)
     fsdp = fsdp_settings(config)
     accelerator = make_accelerator(config, precision.mixed_precision, deepspeed)
+    expert_group = start_expert_groups(config, accelerator.num_processes, accelerator.process_index)
     is_main = accelerator.is_main_process
     say = log if is_main else _silent
     if deepspeed:
@@ -66,7 +71,7 @@ def start_runtime(config: Config, log: Callable[[str], None]) -> Runtime:
     for note in fsdp.notes if fsdp else ():
         say(f"note: {note}")
     integrations = start_integrations(config, log=say, enabled=is_main)
-    return Runtime(accelerator, precision, optimizer_choice, deepspeed, fsdp, integrations, say)
+    return Runtime(accelerator, precision, optimizer_choice, deepspeed, fsdp, integrations, say, expert_group)
 
 
 def _silent(*_) -> None:

@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 from axlora.data.collate import model_inputs
+from axlora.data.diffusion_collate import diffusion_inputs
 from axlora.train.data_order import DataOrder
 
 
@@ -55,7 +56,8 @@ def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_
     for index, (batch, weight) in enumerate(passes):
         with parallel.micro_step(last=index == len(passes) - 1), accelerator.autocast(), loss_mode():
             out = model(**model_inputs(batch, accelerator.device, include_labels=True),
-                        num_items_in_batch=max(global_label_tokens, 1), **router)
+                        num_items_in_batch=max(global_label_tokens, 1), **router,
+                        **diffusion_inputs(batch, accelerator.device))
             # gradients are averaged over ranks (DDP, FSDP, ZeRO); scale up so the result is the global token mean
             parallel.backward(out.loss * (accelerator.num_processes * weight))
         token_loss = out.loss.detach().float()
@@ -88,7 +90,8 @@ def evaluate(model, accelerator, rows, collate, micro_batch_size: int) -> float:
             chunk = chunks[index] if index < len(chunks) else [0]
             batch = collate([rows[i] for i in chunk])
             with accelerator.autocast():
-                out = model(**model_inputs(batch, accelerator.device, include_labels=True), num_items_in_batch=1)
+                out = model(**model_inputs(batch, accelerator.device, include_labels=True), num_items_in_batch=1,
+                            **diffusion_inputs(batch, accelerator.device))
             if index < len(chunks):
                 total += out.loss.double()
                 count += batch["num_label_tokens"]
