@@ -104,7 +104,6 @@ def test_fsdp_on_one_process_runs_here_as_a_world_of_one(make_config, tmp_path):
         ({"fsdp": ["hybrid_shard"]}, "hybrid sharding across machines is not supported"),
         ({"fsdp": ["full_shard", "shard_grad_op"]}, "keep one"),
         ({"fsdp_config": {}, "deepspeed": "zero2"}, "fsdp / deepspeed: choose one"),
-        ({"fsdp_config": {}, "load_in_8bit": True}, "FSDP shards a 4-bit base (FSDP-QLoRA), not an 8-bit one"),
         ({"fsdp_config": {}, "chunked_cross_entropy": True}, "chunked_cross_entropy: not with FSDP"),
         ({"fsdp_version": 2}, "fsdp_version: FSDP is on only with fsdp_config"),
         ({"fsdp_config": {"sharding_strategy": "HYBRID_SHARD"}}, "sharding_strategy"),

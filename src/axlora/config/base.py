@@ -6,6 +6,8 @@ section modules can use it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from axlora.config.chat_templates import TEMPLATE_CHOICES, is_jinja
@@ -26,3 +28,11 @@ class StrictModel(BaseModel):
     """Base of every config section: unknown keys are errors and defaults are validated too."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=False)
+
+
+def block_switch(value: Any) -> Any:
+    """A settings block also written as a switch (as Axolotl's plugins set it): ``true`` is the block with its
+    defaults, ``false`` is off."""
+    if value is True:
+        return {}
+    return None if value is False else value

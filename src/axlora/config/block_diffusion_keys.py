@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from axlora.config.base import StrictModel
+from axlora.config.base import StrictModel, block_switch
 from axlora.core.errors import UserError
 
 DIFFUSION_GEMMA_CLASS = "DiffusionGemmaForBlockDiffusion"
@@ -77,10 +77,7 @@ class BlockDiffusionSettings(StrictModel):
     @field_validator("block_diffusion", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
-        """``true`` (what DiffusionGemmaPlugin alone asks for) is the defaults; ``false`` is off."""
-        if value is True:
-            return {}
-        return None if value is False else value
+        return block_switch(value)
 
     @model_validator(mode="before")
     @classmethod

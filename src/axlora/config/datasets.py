@@ -329,6 +329,11 @@ class PretrainingDatasetConfig(StrictModel):
         default=False, description="Axolotl key; only false: dataset loading scripts are not run."
     )
 
+    @property
+    def label(self) -> str:
+        """How plans, reports and messages name this corpus (as for ``datasets:`` entries)."""
+        return self.path
+
     @field_validator("type", mode="before")
     @classmethod
     def _pretrain_only(cls, value):

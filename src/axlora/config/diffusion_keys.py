@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from axlora.config.base import StrictModel
+from axlora.config.base import StrictModel, block_switch
 
 DEFAULT_MASK_TOKEN = "<|diffusion_mask|>"
 """The mask token Axolotl looks for when neither ``mask_token_id`` nor ``mask_token_str`` names one."""
@@ -127,10 +127,7 @@ class DiffusionKeys(StrictModel):
     @field_validator("diffusion", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
-        """``true`` (what the plugin name sets) is the block with its defaults; ``false`` is off."""
-        if value is True:
-            return {}
-        return None if value is False else value
+        return block_switch(value)
 
     @model_validator(mode="after")
     def _check_diffusion_combinations(self) -> DiffusionKeys:
