@@ -128,6 +128,31 @@ def test_validate_prints_plan_without_importing_torch(tmp_path):
     assert "10 rows" in result.stdout and "2 micro x 3 accumulation = 6 rows" in result.stdout
 
 
+def test_validate_names_what_changes_the_training(tmp_path):
+    from axlora.validate import describe_plan
+
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 10)
+    plain = describe_plan(load_config(write(tmp_path, BASE)))
+    assert "training:" not in plain
+    plan = describe_plan(load_config(write(tmp_path, BASE + "relora_steps: 50\nnum_processes: 4\n"
+                                                     "expert_parallel_size: 2\ndiffusion: true\n")))
+    assert "training: LoRA merged into the base and restarted every 50 steps (ReLoRA)" in plan
+    assert "training: experts split over groups of 2 processes (expert parallelism)" in plan
+    assert "training: masked diffusion objective (diffusion)" in plan
+
+
+def test_no_two_config_sections_define_the_same_name():
+    """Config combines the sections by inheritance: a validator named like another section's would replace it."""
+    from axlora.config.schema import Config
+
+    owners: dict[str, list[str]] = {}
+    for section in Config.__mro__:
+        for name in vars(section):
+            if not name.startswith("__") and name not in ("model_config", "_abc_impl"):
+                owners.setdefault(name, []).append(section.__name__)
+    assert {name: where for name, where in owners.items() if len(where) > 1} == {}
+
+
 def test_schema_file_is_current():
     stored = json.loads((REPO / "schemas" / "axlora.schema.json").read_text())
     assert stored == json_schema(), "schemas/axlora.schema.json is stale: run `axlora schema > schemas/axlora.schema.json`"

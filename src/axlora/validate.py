@@ -69,6 +69,7 @@ def describe_plan(config: Config) -> str:
         lines.append(f"steps: {steps} ({config.num_epochs:g} epochs of {total_rows - val} rows, {val} held out)")
     else:
         lines.append(f"steps: {config.num_epochs:g} epochs (step count known once the data is prepared)")
+    lines += [f"training: {feature}" for feature in _training_features(config)]
     lines.append(f"output_dir: {config.output_dir}")
     if config.resume_from_checkpoint:
         lines.append(f"resume_from_checkpoint: {config.resume_from_checkpoint}")
@@ -80,3 +81,27 @@ def describe_plan(config: Config) -> str:
                     if fsdp else ""))
     lines += [f"note: {note}" for note in (fsdp.notes if fsdp else ())]
     return "\n".join(lines)
+
+
+def _training_features(config: Config) -> list[str]:
+    """What makes this run more than next-token LoRA training: objectives, restarts, initialisation, layouts."""
+    features = []
+    if config.diffusion is not None:
+        features.append("masked diffusion objective (diffusion): answer tokens masked at a random rate, "
+                        "bidirectional attention")
+    if config.block_diffusion is not None:
+        features.append("block diffusion of DiffusionGemma (block_diffusion): the response denoised in canvases")
+    if config.restart_steps() is not None:
+        what = "LoRA merged into the base and restarted" if config.merges_lora() else "learning rate restarted"
+        features.append(f"{what} every {config.restart_steps()} steps (ReLoRA)")
+    if config.loftq() is not None:
+        features.append(f"LoftQ initialisation: base weights quantized to {config.loftq().loftq_bits} bits, the LoRA "
+                        "starting from what quantization lost")
+    quantization = config.model_quantization_config
+    if quantization is not None and not isinstance(quantization, str):
+        features.append(f"base weights in torchao {quantization.weight_dtype}")
+    if config.expert_parallel_size > 1:
+        features.append(f"experts split over groups of {config.expert_parallel_size} processes (expert parallelism)")
+    if config.use_otel_metrics:
+        features.append(f"metrics served at http://{config.otel_metrics_host}:{config.otel_metrics_port}/metrics")
+    return features

@@ -76,7 +76,7 @@ class BlockDiffusionSettings(StrictModel):
 
     @field_validator("block_diffusion", mode="before")
     @classmethod
-    def _switch(cls, value: Any) -> Any:
+    def _block_diffusion_switch(cls, value: Any) -> Any:
         return block_switch(value)
 
     @model_validator(mode="before")

@@ -126,7 +126,7 @@ class DiffusionKeys(StrictModel):
 
     @field_validator("diffusion", mode="before")
     @classmethod
-    def _switch(cls, value: Any) -> Any:
+    def _diffusion_switch(cls, value: Any) -> Any:
         return block_switch(value)
 
     @model_validator(mode="after")
