@@ -18,13 +18,17 @@ The batch then holds what the masked-diffusion loss needs, in the keys the model
 * ``diffusion_weights``: each masked token's loss weight (1 / p for importance weighting);
 * ``num_label_tokens``: the denominator (answer tokens, or masked tokens for ``masked_token_mean``).
 
-Training draws from torch's generator (saved and restored with every checkpoint, so a resumed run masks as the
-uninterrupted one would); evaluation seeds a generator from the seed and the batch's tokens, so every evaluation
-masks the same validation batch the same way and eval losses are comparable.
+Training masks come from a generator seeded by the run's seed, the step, the process and the micro batch
+(``mask_seed``), never from torch's global generator, which every process seeds alike: so each process draws its
+own masks for its own rows, and a resumed run masks every later step as the uninterrupted run did. Evaluation
+seeds a generator from the seed and the batch's tokens, so every evaluation masks the same validation batch the
+same way and eval losses are comparable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +46,7 @@ FLASH_ONLY_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """How a batch is noised; ``seed`` None: torch's generator (training), else fixed per batch (evaluation)."""
+    """How a batch is noised; ``seed`` is the run's, from which every batch's masks are drawn."""
 
     mask_token_id: int
     keep_visible: tuple[int, ...]  # token ids never masked (bos, eos, pad)
@@ -50,7 +54,7 @@ class NoisePlan:
     weighting: str = "inv_t"  # inv_t: 1 / p, linear: 1 - p, none: 1
     reduction: str = "supervised_token_mean"  # or masked_token_mean
     attention: str = "sdpa"  # sdpa: bool mask; eager: additive float mask
-    seed: int | None = None
+    seed: int = 0
 
 
 def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,8 +117,17 @@ def batch_seed(seed: int, input_ids: torch.Tensor) -> int:
     return (seed * 1_000_003 + zlib.crc32(input_ids.numpy().tobytes())) % (2**63)
 
 
+def mask_seed(seed: int, step: int, process_index: int, micro_batch: int) -> int:
+    """The seed of one training micro batch's masks: a hash, so nearby positions give unrelated streams."""
+    key = f"{seed}/{step}/{process_index}/{micro_batch}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % (2**63)
+
+
 class DiffusionCollator:
-    """Collates with the run's own collator, then noises the batch (``noise_batch``)."""
+    """Collates with the run's own collator, then noises the batch (``noise_batch``).
+
+    Called as it is, it masks a batch by its tokens (evaluation); ``for_step`` gives a training step's collator.
+    """
 
     def __init__(self, base: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]], plan: NoisePlan):
         self.base = base
@@ -122,10 +135,25 @@ class DiffusionCollator:
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch = self.base(rows)
-        generator = None
-        if self.plan.seed is not None:
-            generator = torch.Generator().manual_seed(batch_seed(self.plan.seed, batch["input_ids"]))
-        return noise_batch(batch, self.plan, generator)
+        return self._noised(batch, batch_seed(self.plan.seed, batch["input_ids"]))
+
+    def for_step(self, step: int, process_index: int) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
+        """The collator of one training step on one process: its n-th call is the step's n-th micro batch."""
+        micro_batches = itertools.count()
+
+        def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+            return self._noised(self.base(rows), mask_seed(self.plan.seed, step, process_index, next(micro_batches)))
+
+        return collate
+
+    def _noised(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
+        return noise_batch(batch, self.plan, torch.Generator().manual_seed(seed))
+
+
+def step_collator(collate: Callable, step: int, process_index: int) -> Callable:
+    """The collator a training step calls: with ``diffusion:`` one whose masks are this step's, this process's
+    and each micro batch's own; any other collator as it is."""
+    return collate.for_step(step, process_index) if isinstance(collate, DiffusionCollator) else collate
 
 
 def diffusion_inputs(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:

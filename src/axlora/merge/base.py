@@ -9,6 +9,7 @@ from typing import Any
 
 from axlora.core.errors import UserError
 from axlora.core.safetensors_header import TensorInfo, read_header
+from axlora.merge.mxfp4 import decoded_tensors, is_mxfp4
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,9 +49,14 @@ def resolve_base_dir(base_model: str | Path, log: Any) -> Path:
 
 
 def load_base(directory: Path) -> BaseModel:
-    """Read config.json and all shard headers; refuses quantized or non-safetensors checkpoints up front."""
+    """Read config.json and all shard headers; refuses quantized or non-safetensors checkpoints up front.
+
+    MXFP4-packed experts (gpt-oss) are the exception: they are listed as the plain tensors they decode to.
+    """
     config = _read_config(directory)
-    _refuse_quantized(directory, config)
+    packed = is_mxfp4(config)
+    if not packed:
+        _refuse_quantized(directory, config)
     shards = _shard_files(directory)
     base = BaseModel(directory, config, shards)
     for shard in shards:
@@ -60,6 +66,8 @@ def load_base(directory: Path) -> BaseModel:
                 raise UserError(f"{shard}: tensor {info.name!r} is also stored in {base.tensors[info.name].path.name}")
             base.tensors[info.name] = info
     _check_index_matches(directory, base)
+    if packed:
+        base.tensors = decoded_tensors(directory, base.tensors)
     return base
 
 

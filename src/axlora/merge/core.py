@@ -21,6 +21,7 @@ from axlora.merge import ops
 from axlora.merge.base import BaseModel, load_base, resolve_base_dir
 from axlora.merge.expert_merge import ExpertFactors, merge_expert_tensor
 from axlora.merge.lora_weights import Adapter, LoraModule, load_adapter
+from axlora.merge.mxfp4 import Mxfp4Tensor, read_decoded
 from axlora.merge.output import (
     MARKER_FILES_KEY,
     check_output_dir,
@@ -153,6 +154,7 @@ def merge_lora(
     log(f"merging {adapter_dir} into {base_dir}: {outputs.merged_modules} LoRA modules, {outputs.replaced} replaced "
         f"tensors, output {_dtype_name(outputs.output_dtype)}"
         + (" (lm_head untied from the embedding)" if outputs.untied else "")
+        + (f" ({decoded} MXFP4 expert tensors decoded)" if (decoded := _decoded_count(outputs)) else "")
         + (f" (vocabulary resized to {outputs.vocab_size})" if outputs.vocab_size is not None else ""))
     verifier = _Verifier(verify, tolerance)
     with staging_dir(output_dir, log) as tmp:
@@ -175,6 +177,10 @@ def merge_lora(
             f"largest absolute error {verifier.worst_abs:.3g}")
     log(f"wrote {output_dir} ({total_size / 1e9:.2f} GB in {shard_count} shards) in {seconds:.1f}s")
     return replace(report, seconds=seconds)
+
+
+def _decoded_count(outputs: OutputTensors) -> int:
+    return sum(isinstance(t.source, Mxfp4Tensor) for t in outputs.tensors)
 
 
 def _require_finite_adapter(adapter: Adapter) -> None:
@@ -277,6 +283,8 @@ def _load(entry: OutputTensor, ctx: _Context) -> torch.Tensor:
     """The tensor the output starts from: the adapter's replacement if it has one, else the base tensor."""
     if entry.replacement is not None:
         return ctx.adapter_reader.read(entry.replacement)
+    if isinstance(entry.source, Mxfp4Tensor):  # decoded straight to the dtype it is written in
+        return read_decoded(entry.source, ctx.reader_for, CODE_TO_TORCH[entry.dtype])
     return ctx.reader_for(entry.source.path).read(entry.source)
 
 

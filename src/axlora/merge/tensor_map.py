@@ -19,6 +19,7 @@ from axlora.core.errors import UserError
 from axlora.core.safetensors_header import TensorInfo
 from axlora.merge.base import BaseModel
 from axlora.merge.lora_weights import Adapter, LoraModule
+from axlora.merge.mxfp4 import Mxfp4Tensor, plain_config
 from axlora.merge.param_lora import ExpertDelta, parameter_deltas
 from axlora.merge.safetensors_io import CODE_TO_TORCH, FLOAT_CODES, ITEM_SIZE, TORCH_TO_CODE, PlannedTensor
 
@@ -58,7 +59,7 @@ class OutputTensor:
     def passthrough(self) -> bool:
         """Nothing changes: the bytes can be copied without ever becoming a tensor."""
         return (self.replacement is None and self.lora is None and self.bias_of is None and self.expert is None
-                and self.dtype == self.source.dtype)
+                and self.dtype == self.source.dtype and not isinstance(self.source, Mxfp4Tensor))
 
 
 @dataclass
@@ -101,7 +102,7 @@ def parse_dtype(dtype: str | None) -> torch.dtype | None:
 
 def map_output_tensors(base: BaseModel, adapter: Adapter, dtype: torch.dtype | None) -> OutputTensors:
     """Attach every adapter tensor to its base tensor, checking names and shapes; nothing is read yet."""
-    config = dict(base.config)
+    config = dict(plain_config(base.config))  # MXFP4 experts are written decoded
     sources = dict(base.tensors)
     untied = _untie_lm_head(base, adapter, sources)
     if untied:

@@ -1,16 +1,15 @@
 """``diffusion:``: masked diffusion language-model training on a causal LM (Axolotl's DiffusionPlugin).
 
 The noising happens in the collators (``data.diffusion_collate``); here the run is set up for it: the mask token
-is found, the model's ``loss_function`` becomes the masked-diffusion loss, and both collators are wrapped (the
-validation one with a fixed seed). The loss is ``sum over masked tokens of w * CE`` divided by the step's global
-count of answer tokens (``num_items_in_batch``, as every axlora loss), which for one sequence is LLaDA's
+is found, the model's ``loss_function`` becomes the masked-diffusion loss, and both collators are wrapped
+(training masks drawn per step, process and micro batch; validation masks fixed by the seed and the batch). The
+loss is ``sum over masked tokens of w * CE`` divided by the step's global count of answer tokens
+(``num_items_in_batch``, summed over all processes as for every axlora loss), which for one sequence is LLaDA's
 ``1/L * sum over masked of CE / p``. Axolotl averages that per sequence instead; the token count keeps micro
 batch size, accumulation and process count from changing what is optimized.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +87,15 @@ def start_diffusion(config: Config, peft_model, data: TrainingData, say) -> None
     mask_id = resolve_mask_token(settings, tokenizer, causal_lm.config, rows)
     visible = tuple(sorted({i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
                             if i is not None} - {mask_id}))
-    plan = NoisePlan(mask_id, visible, settings.noise_floor, settings.weighting, settings.reduction, attention)
+    plan = NoisePlan(mask_id, visible, settings.noise_floor, settings.weighting, settings.reduction, attention,
+                     seed=config.seed)
     causal_lm.loss_function = masked_diffusion_loss
-    data.collate = DiffusionCollator(data.collate, plan)
-    data.val_collate = DiffusionCollator(data.val_collate, dataclasses.replace(plan, seed=config.seed))
+    data.collate = DiffusionCollator(data.collate, plan)  # a step masks through step_collator
+    data.val_collate = DiffusionCollator(data.val_collate, plan)
     say(f"diffusion: masked diffusion objective; mask token {mask_id} ({tokenizer.convert_ids_to_tokens(mask_id)!r}), "
         f"p = (1 - {settings.noise_floor:g}) t + {settings.noise_floor:g} per document, weighting {settings.weighting}, "
-        f"{settings.reduction}; bidirectional attention within each document; eval masks with a fixed seed")
+        f"{settings.reduction}; bidirectional attention within each document; training masks seeded by seed, step, "
+        "process and micro batch; eval masks with a fixed seed")
     if settings.generate_samples is None:
         say("diffusion: no samples by iterative unmasking during training (Axolotl's generate_samples is not built)")
     unread = sorted(settings.model_fields_set & set(UNREAD_KEYS))

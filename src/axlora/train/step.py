@@ -11,7 +11,7 @@ import math
 from typing import NamedTuple
 
 from axlora.data.collate import model_inputs
-from axlora.data.diffusion_collate import diffusion_inputs
+from axlora.data.diffusion_collate import diffusion_inputs, step_collator
 from axlora.train.data_order import DataOrder
 
 
@@ -38,6 +38,7 @@ def train_step(model, parallel, order: DataOrder, step: int, rows, collate, max_
 
     accelerator = parallel.accelerator
     chunks = order.micro_batches(step, accelerator.process_index)
+    collate = step_collator(collate, step, accelerator.process_index)  # diffusion: this step's own masks
     micro_batches = [collate([rows[i] for i in chunk]) for chunk in chunks]
     local = sum(batch["num_label_tokens"] for batch in micro_batches)
     tokens = sum(len(rows[i]["input_ids"]) for chunk in chunks for i in chunk)
